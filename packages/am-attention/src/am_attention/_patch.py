@@ -1,0 +1,218 @@
+"""The automodel-kit patch protocol: explicit, idempotent, reversible, checked patches.
+
+This module is copied byte-for-byte into every am-* package that patches anything, so each
+package stays vendorable alone; a test at the repository root keeps the copies identical.
+
+A `Patch` changes one attribute (or one mapping entry) of one target. `apply()` runs the
+contract check first, is a no-op when our replacement is already live, and captures the
+original from the target's own `__dict__` (never through `getattr`, so a class attribute is
+never copied onto an instance). `revert()` restores exactly that original, or deletes the entry
+when there was none, and refuses to clobber a foreign patch stacked on top of ours.
+`PatchSet` applies a list all-or-nothing and reverts in reverse order; it is a context manager.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any
+
+PATCH_MARKER = "__am_patch__"
+
+
+class _Missing:
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+
+
+def mark(replacement: Any, name: str, wrapped: Any = None) -> Any:
+    """Tag `replacement` as ours (`__am_patch__ = name`), copying `wrapped`'s metadata if given."""
+    if wrapped is not None and callable(wrapped) and callable(replacement):
+        functools.update_wrapper(replacement, wrapped)
+    setattr(replacement, PATCH_MARKER, name)
+    return replacement
+
+
+def patch_name(obj: Any) -> str | None:
+    """The `__am_patch__` marker of `obj`, or None when it is not one of our replacements."""
+    return getattr(obj, PATCH_MARKER, None) if obj is not None else None
+
+
+def _describe(target: Any, attr: Any) -> str:
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name is None:
+        name = type(target).__qualname__
+    module = getattr(target, "__module__", None)
+    if module and not isinstance(target, type) and getattr(target, "__name__", None) == module:
+        module = None
+    prefix = f"{module}." if module and module != name else ""
+    return f"{prefix}{name}.{attr}"
+
+
+class Patch:
+    """One attribute of one target set to `replacement`, with the original kept for revert.
+
+    `contract`, if given, is called with the live value before anything changes and must
+    raise (RuntimeError naming the function and the transformers version) when the object
+    to be patched no longer behaves as the replacement expects.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        attr: str,
+        replacement: Any,
+        *,
+        contract: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.attr = attr
+        self.replacement = replacement
+        self.contract = contract
+        self.original: Any = MISSING
+        self.applied = False
+
+    def __repr__(self) -> str:
+        state = "applied" if self.applied else "not applied"
+        return f"Patch({self.describe()}, {state})"
+
+    def describe(self) -> str:
+        return _describe(self.target, self.attr)
+
+    # Storage primitives: attribute patches read the target's own __dict__.
+    def _own(self) -> Any:
+        try:
+            return vars(self.target).get(self.attr, MISSING)
+        except TypeError:  # objects without __dict__ (slots): fall back to the live value
+            return getattr(self.target, self.attr, MISSING)
+
+    def _live(self) -> Any:
+        return getattr(self.target, self.attr, MISSING)
+
+    def _set(self, value: Any) -> None:
+        setattr(self.target, self.attr, value)
+
+    def _delete(self) -> None:
+        delattr(self.target, self.attr)
+
+    def is_live(self) -> bool:
+        """True when the target currently holds our replacement."""
+        return self._own() is self.replacement
+
+    def apply(self) -> None:
+        if self.is_live():
+            self.applied = True
+            return
+        if self.contract is not None:
+            self.contract(self._live())
+        self.original = self._own()
+        self._set(self.replacement)
+        self.applied = True
+
+    def revert(self) -> None:
+        if not self.applied:
+            return
+        current = self._own()
+        if current is not self.replacement:
+            raise RuntimeError(
+                f"cannot revert the patch of {self.describe()}: something else was patched over it "
+                f"(found {current!r}); revert that patch first"
+            )
+        if self.original is MISSING:
+            self._delete()
+        else:
+            self._set(self.original)
+        self.original = MISSING
+        self.applied = False
+
+
+class ItemPatch(Patch):
+    """One key of a mutable mapping (a registry such as transformers' AttentionInterface)."""
+
+    def __init__(
+        self,
+        target: MutableMapping[Any, Any],
+        key: Any,
+        replacement: Any,
+        *,
+        contract: Callable[[Any], None] | None = None,
+        label: str | None = None,
+    ) -> None:
+        super().__init__(target, key, replacement, contract=contract)
+        self.label = label
+
+    def describe(self) -> str:
+        return f"{self.label or type(self.target).__qualname__}[{self.attr!r}]"
+
+    def _own(self) -> Any:
+        return self.target.get(self.attr, MISSING)
+
+    _live = _own
+
+    def _set(self, value: Any) -> None:
+        self.target[self.attr] = value
+
+    def _delete(self) -> None:
+        del self.target[self.attr]
+
+
+class PatchSet:
+    """Patches applied all-or-nothing and reverted in reverse order; also a context manager."""
+
+    def __init__(self, patches: Iterable[Patch] = (), *, name: str = "") -> None:
+        self.patches: list[Patch] = list(patches)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"PatchSet({self.name!r}, {len(self.patches)} patches, applied={self.applied})"
+
+    def __iter__(self):
+        return iter(self.patches)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.patches) and all(p.applied for p in self.patches)
+
+    def add(self, patch: Patch) -> Patch:
+        self.patches.append(patch)
+        return patch
+
+    def apply(self) -> PatchSet:
+        done: list[Patch] = []
+        try:
+            for patch in self.patches:
+                was_applied = patch.applied
+                patch.apply()
+                if not was_applied:
+                    done.append(patch)
+        except BaseException:
+            for patch in reversed(done):
+                patch.revert()
+            raise
+        return self
+
+    def revert(self) -> None:
+        for patch in reversed(self.patches):
+            patch.revert()
+
+    def __enter__(self) -> PatchSet:
+        return self.apply()
+
+    def __exit__(self, *exc: object) -> None:
+        self.revert()

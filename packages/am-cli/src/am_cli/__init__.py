@@ -1,0 +1,5 @@
+"""am-cli."""
+
+from .version import __version__
+
+__all__ = ["__version__"]

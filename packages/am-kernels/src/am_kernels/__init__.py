@@ -1,0 +1,5 @@
+"""am-kernels."""
+
+from .version import __version__
+
+__all__ = ["__version__"]

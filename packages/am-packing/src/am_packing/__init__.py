@@ -1,0 +1,5 @@
+"""am-packing."""
+
+from .version import __version__
+
+__all__ = ["__version__"]
