@@ -1,0 +1,137 @@
+"""A DotProductAttention on torch SDPA with Transformer Engine's call convention.
+
+Used on CPU, in tests, and whenever transformer-engine is not installed. Constructor and
+forward take the names TE's `transformer_engine.pytorch.DotProductAttention` takes; outputs
+have TE's shapes (heads flattened: [B, S, H*D] for bshd, [S, B, H*D] for sbhd, [T, H*D] for thd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ReferenceDotProductAttention"]
+
+_FORMATS = ("bshd", "sbhd", "thd")
+_MASK_TYPES = ("causal", "no_mask", "padding_causal", "padding")
+
+
+class ReferenceDotProductAttention(torch.nn.Module):
+    """Exact attention (fp32-accurate on CPU) with TE's arguments; no parameters, no state."""
+
+    def __init__(
+        self,
+        num_attention_heads: int,
+        kv_channels: int,
+        num_gqa_groups: int | None = None,
+        attention_dropout: float = 0.0,
+        qkv_format: str = "sbhd",
+        attn_mask_type: str = "causal",
+        window_size: tuple[int, int] | None = None,
+        softmax_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if qkv_format not in _FORMATS:
+            raise ValueError(f"qkv_format must be one of {_FORMATS}, got {qkv_format!r}")
+        if attn_mask_type not in _MASK_TYPES:
+            raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {attn_mask_type!r}")
+        groups = num_attention_heads if num_gqa_groups is None else num_gqa_groups
+        if num_attention_heads % groups:
+            raise ValueError(f"num_attention_heads {num_attention_heads} not divisible by num_gqa_groups {groups}")
+        self.num_attention_heads = num_attention_heads
+        self.kv_channels = kv_channels
+        self.num_gqa_groups = groups
+        self.attention_dropout = float(attention_dropout)
+        self.qkv_format = qkv_format
+        self.attn_mask_type = attn_mask_type
+        self.window_size = (-1, 0) if window_size is None else tuple(window_size)
+        self.softmax_scale = 1.0 / math.sqrt(kv_channels) if softmax_scale is None else float(softmax_scale)
+
+    def forward(
+        self,
+        query_layer: torch.Tensor,
+        key_layer: torch.Tensor,
+        value_layer: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        qkv_format: str | None = None,
+        cu_seqlens_q: torch.Tensor | None = None,
+        cu_seqlens_kv: torch.Tensor | None = None,
+        max_seqlen_q: int | None = None,
+        max_seqlen_kv: int | None = None,
+        attn_mask_type: str | None = None,
+        window_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        fmt = qkv_format or self.qkv_format
+        mask_type = attn_mask_type or self.attn_mask_type
+        window = tuple(window_size) if window_size is not None else self.window_size
+        if fmt not in _FORMATS:
+            raise ValueError(f"qkv_format must be one of {_FORMATS}, got {fmt!r}")
+        if mask_type not in _MASK_TYPES:
+            raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
+        if attention_mask is not None:
+            raise ValueError("the reference kernel takes no attention_mask tensor; use attn_mask_type/cu_seqlens")
+        dropout = self.attention_dropout if self.training else 0.0
+        if fmt == "thd":
+            if cu_seqlens_q is None or cu_seqlens_kv is None:
+                raise ValueError("qkv_format 'thd' needs cu_seqlens_q and cu_seqlens_kv")
+            return self._thd(query_layer, key_layer, value_layer, cu_seqlens_q, cu_seqlens_kv, mask_type, window, dropout)
+        if mask_type.startswith("padding"):
+            raise ValueError(f"attn_mask_type {mask_type!r} needs qkv_format 'thd' in the reference kernel")
+        if fmt == "sbhd":
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query_layer, key_layer, value_layer))
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (query_layer, key_layer, value_layer))
+        causal = mask_type == "causal"
+        sq, sk = q.shape[-2], k.shape[-2]
+        mask = None
+        if causal and (window[0] >= 0 or sq != sk):
+            mask = _band(sq, sk, window, q.device)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal and mask is None,
+            scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        if fmt == "sbhd":
+            return out.permute(2, 0, 1, 3).flatten(2)
+        return out.transpose(1, 2).flatten(2)
+
+    def _thd(self, q, k, v, cu_q, cu_kv, mask_type, window, dropout) -> torch.Tensor:
+        t = q.shape[0]
+        pos = torch.arange(t, device=q.device)
+        doc_q = torch.searchsorted(cu_q[1:].to(torch.long), pos, right=True)
+        doc_k = torch.searchsorted(cu_kv[1:].to(torch.long), torch.arange(k.shape[0], device=q.device), right=True)
+        valid_q = pos < cu_q[-1]
+        mask = doc_q[:, None] == doc_k[None, :]
+        if mask_type.endswith("causal"):
+            # within a document, queries and keys share offsets for self-attention (cu_q == cu_kv)
+            mask = mask & _band(t, k.shape[0], window, q.device)
+        # rows past the last document (THD padding) attend to themselves and are zeroed below
+        mask = mask | (~valid_q[:, None] & (pos[:, None] == torch.arange(k.shape[0], device=q.device)[None, :]))
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )[0].transpose(0, 1)
+        out = torch.where(valid_q[:, None, None], out, torch.zeros_like(out))
+        return out.flatten(1)
+
+
+def _band(sq: int, sk: int, window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Bool [sq, sk] mask, True = attend: causal aligned bottom-right, limited to `window` = (left, right)."""
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    mask = j <= i + max(window[1], 0)
+    if window[0] >= 0:
+        mask = mask & (j >= i - window[0])
+    return mask
