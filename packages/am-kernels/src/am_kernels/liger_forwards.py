@@ -1,0 +1,232 @@
+"""Per-instance replacement forwards that call Liger's kernels (our glue, Liger's math).
+
+Each builder returns a function taking `self`; the patcher binds it to one module instance.
+The kernels come in a `LigerOps` bundle so that the glue is independent of where they come
+from: `load_liger_ops()` imports liger-kernel (only when called), and CPU tests pass a pure
+torch bundle to check the glue numerically where Liger's Triton kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .availability import require_liger_kernel
+
+
+@dataclass(frozen=True)
+class LigerOps:
+    """The kernels the glue calls, with liger-kernel's functional signatures."""
+
+    rms_norm: Callable[..., torch.Tensor]  # (x, weight, eps, offset, casting_mode, in_place)
+    swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # silu(a) * b
+    geglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # gelu_tanh(a) * b
+    rotary_pos_emb: Callable[
+        ..., tuple[torch.Tensor, torch.Tensor]
+    ]  # (q, k, cos, sin, position_ids, unsqueeze_dim)
+    # (hidden_states, lm_head_weight, labels, hidden_size, num_items_in_batch, ignore_index, shift_labels,
+    #  final_logit_softcapping, **kw) -> loss; never materialises the logits.
+    fused_linear_cross_entropy: Callable[..., torch.Tensor]
+    cross_entropy: Callable[..., torch.Tensor]  # (logits, target, ignore_index=, reduction=)
+    source: str = "liger-kernel"
+
+
+def load_liger_ops() -> LigerOps:
+    """Import liger-kernel's functional API (ImportError with the install line if missing)."""
+    require_liger_kernel()
+    from liger_kernel.transformers import functional as liger_functional
+    from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return LigerOps(
+        rms_norm=liger_functional.liger_rms_norm,
+        swiglu=liger_functional.liger_swiglu,
+        geglu=liger_functional.liger_geglu,
+        rotary_pos_emb=liger_rotary_pos_emb,
+        fused_linear_cross_entropy=LigerForCausalLMLoss,
+        cross_entropy=liger_functional.liger_cross_entropy,
+    )
+
+
+def _single_input(original: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    """Extract the one tensor argument of a one-input forward, positional or by its own name."""
+    params = list(inspect.signature(original).parameters.values())
+    name = params[0].name
+
+    def take(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args and not kwargs:
+            (value,) = args
+            return value
+        return inspect.signature(original).bind(*args, **kwargs).arguments[name]
+
+    return take
+
+
+def rms_norm_forward(
+    original: Callable[..., Any],
+    ops: LigerOps,
+    *,
+    eps_attr: str,
+    offset: float,
+    casting_mode: str,
+    in_place: bool,
+) -> Callable[..., torch.Tensor]:
+    """RMSNorm forward through Liger; epsilon is read live from `eps_attr` on the module."""
+    take = _single_input(original)
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return ops.rms_norm(
+            take(args, kwargs), self.weight, getattr(self, eps_attr), offset, casting_mode, in_place
+        )
+
+    return forward
+
+
+def gated_mlp_forward(
+    original: Callable[..., Any], ops: LigerOps, *, kind: str
+) -> Callable[..., torch.Tensor]:
+    """Gated MLP forward: down(act(gate(x)) * up(x)) with the activation-multiply fused by Liger."""
+    take = _single_input(original)
+    fused = {"swiglu": ops.swiglu, "geglu": ops.geglu}[kind]
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = take(args, kwargs)
+        return self.down_proj(fused(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+class _OverlayGlobals(dict):
+    """Globals for a copied function: own entries win, everything else is read live from the module.
+
+    CPython looks globals of a non-exact dict up through `__getitem__`, so `__missing__`
+    forwards each miss to the module's current namespace: later changes to the module stay
+    visible, and only the overridden names differ.
+    """
+
+    def __init__(self, module_globals: dict[str, Any], overrides: dict[str, Any]) -> None:
+        super().__init__(overrides)
+        # Builtins are resolved from this key when the function is created, not via __missing__.
+        self["__builtins__"] = module_globals["__builtins__"]
+        self._module_globals = module_globals
+
+    def __missing__(self, key: str) -> Any:
+        return self._module_globals[key]
+
+
+def with_global(func: types.FunctionType, name: str, value: Any) -> types.FunctionType:
+    """A copy of `func` that sees `value` for the global `name`; the module itself is untouched."""
+    copy = types.FunctionType(
+        func.__code__,
+        _OverlayGlobals(func.__globals__, {name: value}),
+        func.__name__,
+        func.__defaults__,
+        func.__closure__,
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__qualname__ = func.__qualname__
+    copy.__module__ = func.__module__
+    copy.__doc__ = func.__doc__
+    copy.__annotations__ = dict(func.__annotations__)
+    return copy
+
+
+def liger_rope(ops: LigerOps) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` computed by Liger."""
+
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim)
+
+    return apply_rotary_pos_emb
+
+
+# Parameters of a transformers 5.x CausalLM forward that our fused path handles itself.
+CAUSAL_LM_PARAMETERS = ("input_ids", "labels", "logits_to_keep")
+
+
+def fused_linear_ce_forward(
+    original: Callable[..., Any], ops: LigerOps, *, softcap_attr: str | None
+) -> Callable[..., Any]:
+    """CausalLM forward that, when training with labels, skips the logits and fuses lm_head + CE.
+
+    Anything else (eval, generation, no labels) calls the original forward unchanged, so the
+    inference path is exactly transformers' own.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    sig = inspect.signature(original)
+    var_kw = next(p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
+    own = ("labels", "logits_to_keep", var_kw)
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = sig.bind(*args, **kwargs).arguments
+        extra = dict(arguments.get(var_kw, {}))
+        labels = arguments.get("labels")
+        if not (self.training and (labels is not None or extra.get("shift_labels") is not None)):
+            return original(*args, **kwargs)
+        return_dict = extra.pop("return_dict", None)
+        shift_labels = extra.pop("shift_labels", None)
+        base_inputs = {k: v for k, v in arguments.items() if k not in own}
+        outputs = getattr(self, self.base_model_prefix)(**base_inputs, **extra)
+        hidden = outputs.last_hidden_state
+        keep = arguments.get("logits_to_keep", 0)
+        hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+        softcap = getattr(self.config, softcap_attr) if softcap_attr is not None else None
+        loss = ops.fused_linear_cross_entropy(
+            hidden_states=hidden,
+            lm_head_weight=self.lm_head.weight,
+            labels=labels,
+            shift_labels=shift_labels,
+            hidden_size=self.config.hidden_size,
+            final_logit_softcapping=softcap,
+            **extra,
+        )
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        use_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if use_dict else result.to_tuple()
+
+    return forward
+
+
+def cross_entropy_loss(ops: LigerOps) -> Callable[..., torch.Tensor]:
+    """transformers' ForCausalLMLoss with the cross entropy computed by Liger (logits stay in their dtype)."""
+
+    def causal_lm_loss(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if shift_labels is None:
+            labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = labels[..., 1:].contiguous()
+        logits = logits.reshape(-1, vocab_size)
+        shift_labels = shift_labels.reshape(-1).to(logits.device)
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = ops.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+    return causal_lm_loss
+
+
+__all__ = ["LigerOps", "load_liger_ops"]
