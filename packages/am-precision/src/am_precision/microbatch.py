@@ -1,0 +1,40 @@
+"""Training-loop flags read by the TE module patches: first microbatch (FP8 weight caching) and optim step.
+
+They are plain module globals on purpose, as in the seed: the training loop sets them on the thread that
+runs the forward passes, and TE modules read them during those forwards. Use the getters; a name imported
+with `from ... import` would be a stale copy.
+"""
+
+from __future__ import annotations
+
+_is_first_microbatch: bool | None = None
+_is_optim_step: bool = False
+
+
+def set_is_first_microbatch(value: bool | None) -> None:
+    """True on the first microbatch (TE quantizes and caches FP8 weights), False after it, None to disable."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"set_is_first_microbatch expects True, False or None, got {value!r}")
+    global _is_first_microbatch
+    _is_first_microbatch = value
+
+
+def get_is_first_microbatch() -> bool | None:
+    """The flag set by `set_is_first_microbatch` (None: FP8 weight caching disabled)."""
+    return _is_first_microbatch
+
+
+def set_is_optim_step(value: bool) -> None:
+    """Mark whether the current step runs the optimizer."""
+    if not isinstance(value, bool):
+        raise TypeError(f"set_is_optim_step expects a bool, got {value!r}")
+    global _is_optim_step
+    _is_optim_step = value
+
+
+def get_is_optim_step() -> bool:
+    """The flag set by `set_is_optim_step`."""
+    return _is_optim_step
+
+
+__all__ = ["get_is_first_microbatch", "get_is_optim_step", "set_is_first_microbatch", "set_is_optim_step"]
