@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import types
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +51,27 @@ def build_tiny(model_type: str, *, attn: str = "sdpa", seed: int = 0, **override
             if type(module).__name__.endswith("RMSNorm"):
                 module.weight.normal_(0.0, 0.3)
     return model.eval()
+
+
+def instance_state(model: Any) -> dict[str, dict[str, Any]]:
+    """Every module's own __dict__ (shallow): identity-comparable snapshot of instance patches."""
+    return {path: dict(vars(module)) for path, module in model.named_modules()}
+
+
+def assert_same_state(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> None:
+    assert before.keys() == after.keys()
+    for path in before:
+        assert before[path].keys() == after[path].keys(), (path, before[path].keys() ^ after[path].keys())
+        for key, value in before[path].items():
+            assert after[path][key] is value, f"{path or '<root>'}.{key} changed"
+
+
+@pytest.fixture
+def kit():
+    """Helpers for test modules (no sys.path import of a shared helper module across packages)."""
+    return types.SimpleNamespace(
+        instance_state=instance_state, assert_same_state=assert_same_state, TINY=TINY, build_tiny=build_tiny
+    )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -133,3 +133,18 @@ def test_unpatch_refuses_while_covered_by_a_foreign_wrapper(tiny):
     model.forward = ours
     unpatch_sdpa_backends(model)
     assert "forward" not in vars(model)
+
+
+def test_composes_with_liger_in_either_undo_order(tiny, torch_ops, kit):
+    from am_kernels import patch_liger_kernel, unpatch_liger_kernel
+
+    model = tiny("llama")
+    pristine = kit.instance_state(model)
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    patch_liger_kernel(model, ops=torch_ops)
+    assert_same_signature(type(model).forward.__get__(model), model.forward)
+    with pytest.raises(RuntimeError, match="patched over"):
+        unpatch_sdpa_backends(model)  # covered by Liger's forward: refuse rather than do nothing
+    unpatch_liger_kernel(model)
+    unpatch_sdpa_backends(model)
+    kit.assert_same_state(pristine, kit.instance_state(model))

@@ -57,6 +57,12 @@ class LigerKernelPatch:
         return f"LigerKernelPatch({self.model_type!r}, {self.options}, {len(self.patches)} patches)"
 
     def revert(self) -> None:
+        # Check every patch first so that a foreign patch on one module never leaves a half-reverted model.
+        covered = [p.describe() for p in self.patches if p.applied and not p.is_live()]
+        if covered:
+            raise RuntimeError(
+                f"cannot unpatch Liger kernels: something else was patched over {covered}; revert that first"
+            )
         self.patches.revert()
 
 
@@ -80,18 +86,21 @@ def _resolve_plan(model: Any) -> tuple[str, LigerPlan]:
     )
 
 
-def _bound(func: Callable[..., Any], module: Any, name: str, original: Any) -> types.MethodType:
-    """Bind `func(self, ...)` to `module`, marked, with the metadata of the original method.
+def _bound(func: Callable[..., Any], module: Any, name: str, original: Any) -> Callable[..., Any]:
+    """`func(self, ...)` bound to `module`, marked, showing the original's name, doc and signature.
 
-    `__wrapped__` points at the original's *function* (with `self`), so that the bound
-    replacement reports exactly the bound original's signature. `original=None` keeps
-    `func`'s own metadata (used for the rope copy, which already is the class function).
+    The replacement is a closure with `__wrapped__ = original`, so it reports exactly the
+    signature of whatever `original` is (a bound class method, or another instance-level
+    wrapper such as `patch_sdpa_backends`'). `original=None` binds `func` as a method and keeps
+    its own metadata (the rope forward copy, which already is the class function).
     """
     if original is None:
-        mark(func, name)
-    else:
-        mark(func, name, wrapped=getattr(original, "__func__", original))
-    return types.MethodType(func, module)
+        return types.MethodType(mark(func, name), module)
+
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        return func(module, *args, **kwargs)
+
+    return mark(replacement, name, wrapped=original)
 
 
 def _name_patch(module: Any, shown_as: str, name: str) -> Patch:
@@ -178,9 +187,13 @@ def _causal_lm_patches(model: Any, plan: LigerPlan, ops: LigerOps, *, fused: boo
     what = f"{type(model).__module__}.{plan.causal_lm_class}.forward"
     lm_head = getattr(model, "lm_head", None)
     if fused:
-        sig = require_parameters(model.forward, CAUSAL_LM_PARAMETERS, what)
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-            raise contract_error(what, f"expected **kwargs in {sig}")
+        sig = require_parameters(model.forward, (), what)
+        # The fused path reads these by name, so **kwargs alone does not satisfy the contract.
+        missing = [name for name in CAUSAL_LM_PARAMETERS if name not in sig.parameters]
+        if missing or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            raise contract_error(
+                what, f"expected parameters {list(CAUSAL_LM_PARAMETERS)} and **kwargs in {sig}"
+            )
         if lm_head is None or getattr(lm_head, "bias", None) is not None:
             raise contract_error(what, "fused linear cross entropy needs a bias-free lm_head")
         if not hasattr(model, model.base_model_prefix):

@@ -1,0 +1,211 @@
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from am_kernels import (
+    LIGER_PLANS,
+    assert_same_signature,
+    get_liger_kernel_patch,
+    load_liger_ops,
+    patch_liger_kernel,
+    supported_model_types,
+    unpatch_liger_kernel,
+)
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]
+IDS = (torch.arange(32).reshape(2, 16) * 7) % 128
+
+
+def _by_class(model, name):
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_real_liger_swaps_expected_modules_and_undo_restores(tiny, model_type, kit):
+    model = tiny(model_type)
+    plan = LIGER_PLANS[model_type]
+    before = kit.instance_state(model)
+    originals = {id(m): m.forward for m in model.modules()}
+
+    assert patch_liger_kernel(model) is model
+    assert "liger_kernel" in sys.modules
+    ops = get_liger_kernel_patch(model)
+    assert ops is not None and ops.model_type == model_type
+
+    norms = _by_class(model, plan.norm_class)
+    mlps = _by_class(model, plan.mlp_class)
+    attns = _by_class(model, plan.attention_class)
+    assert len(mlps) == len(attns) == 2 and len(norms) >= 5
+    for norm in norms:
+        assert norm.forward.__am_patch__ == "am_kernels.liger.rms_norm"
+        assert norm._get_name() == "LigerRMSNorm"
+        assert_same_signature(originals[id(norm)], norm.forward)
+    for mlp in mlps:
+        assert mlp.forward.__am_patch__ == f"am_kernels.liger.{plan.mlp_kind}"
+        assert mlp._get_name() in ("LigerSwiGLUMLP", "LigerGEGLUMLP")
+        assert_same_signature(originals[id(mlp)], mlp.forward)
+    liger_rope = load_liger_ops().rotary_pos_emb
+    for attn in attns:
+        assert attn.forward.__am_patch__ == "am_kernels.liger.rope"
+        rope = attn.forward.__func__.__globals__[plan.rope_function]
+        assert rope.__am_patch__ == "am_kernels.liger.rope"
+        assert rope.__closure__[0].cell_contents.rotary_pos_emb is liger_rope
+        assert_same_signature(originals[id(attn)], attn.forward)
+    assert model.forward.__am_patch__ == "am_kernels.liger.fused_linear_cross_entropy"
+    assert_same_signature(originals[id(model)], model.forward)
+    text = repr(model)
+    assert "LigerRMSNorm" in text and "+LigerRope" in text and "+LigerFusedLinearCrossEntropy" in text
+    # The classes themselves are untouched (the autouse fixture checks the modeling modules too).
+    assert norms[0].forward is vars(norms[0])["forward"]
+
+    unpatch_liger_kernel(model)
+    kit.assert_same_state(before, kit.instance_state(model))
+    assert get_liger_kernel_patch(model) is None
+    assert "LigerRMSNorm" not in repr(model)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_glue_numbers_match_unpatched_with_torch_ops(tiny, torch_ops, model_type, kit):
+    calls = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    ops = dataclasses.replace(
+        torch_ops,
+        **{f.name: counted(f.name, getattr(torch_ops, f.name)) for f in dataclasses.fields(torch_ops)[:-1]},
+    )
+    ref, model = tiny(model_type), tiny(model_type)
+    patch_liger_kernel(model, ops=ops)
+    try:
+        with torch.no_grad():
+            # fp32 with the same arithmetic: the glue must reproduce transformers' numbers closely.
+            torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+        n_norms = len(_by_class(model, LIGER_PLANS[model_type].norm_class))
+        mlp_op = "geglu" if model_type == "gemma3_text" else "swiglu"
+        assert calls == {"rms_norm": n_norms, mlp_op: 2, "rotary_pos_emb": 2}
+        calls.clear()
+        model.train(), ref.train()
+        labels = IDS.clone()
+        labels[:, :3] = -100
+        out, expected = model(IDS, labels=labels), ref(IDS, labels=labels)
+        assert out.logits is None and calls["fused_linear_cross_entropy"] == 1
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        out.loss.backward()
+        expected.loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # num_items_in_batch (gradient accumulation) and tuple output go through the same path.
+        kwargs = dict(labels=labels, num_items_in_batch=torch.tensor(20), return_dict=False)
+        torch.testing.assert_close(model(IDS, **kwargs)[0], ref(IDS, **kwargs)[0], rtol=1e-5, atol=1e-6)
+    finally:
+        unpatch_liger_kernel(model)
+
+
+def test_cross_entropy_option_uses_instance_loss_function(tiny, torch_ops, kit):
+    ref, model = tiny("qwen2"), tiny("qwen2")
+    default_loss = model.loss_function
+    patch_liger_kernel(model, ops=torch_ops, cross_entropy=True, fused_linear_cross_entropy=False)
+    try:
+        assert model.loss_function.__am_patch__ == "am_kernels.liger.cross_entropy"
+        assert ref.loss_function is default_loss  # only this instance
+        out, expected = model(IDS, labels=IDS), ref(IDS, labels=IDS)
+        assert out.logits is not None
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    finally:
+        unpatch_liger_kernel(model)
+    assert "_loss_function" not in vars(model)
+
+
+def test_flags_select_kernels(tiny, torch_ops, kit):
+    model = tiny("llama")
+    patch_liger_kernel(model, ops=torch_ops, rope=False, swiglu=False, fused_linear_cross_entropy=False)
+    try:
+        patched = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
+        assert patched == {"LlamaRMSNorm"}
+    finally:
+        unpatch_liger_kernel(model)
+
+
+def test_rope_copy_reads_module_globals_live(tiny, torch_ops, monkeypatch, kit):
+    from transformers.models.llama import modeling_llama
+
+    model = tiny("llama")
+    patch_liger_kernel(model, ops=torch_ops, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    try:
+        attn = model.model.layers[0].self_attn
+        seen = []
+        real = modeling_llama.eager_attention_forward
+        monkeypatch.setattr(
+            modeling_llama, "eager_attention_forward", lambda *a, **k: seen.append(1) or real(*a, **k)
+        )
+        model.config._attn_implementation = "eager"
+        with torch.no_grad():
+            model(IDS)
+        assert len(seen) == 2  # a later change of the module is visible to the copied forward
+        assert (
+            modeling_llama.apply_rotary_pos_emb
+            is attn.forward.__func__.__globals__._module_globals["apply_rotary_pos_emb"]
+        )
+    finally:
+        model.config._attn_implementation = "sdpa"
+        unpatch_liger_kernel(model)
+
+
+def test_idempotent_and_conflicting_options(tiny, torch_ops, kit):
+    model = tiny("llama")
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        state = kit.instance_state(model)
+        patch_liger_kernel(model, ops=torch_ops)
+        kit.assert_same_state(state, kit.instance_state(model))
+        with pytest.raises(ValueError, match="already Liger-patched"):
+            patch_liger_kernel(model, ops=torch_ops, rope=False)
+    finally:
+        unpatch_liger_kernel(model)
+    unpatch_liger_kernel(model)  # no-op when not patched
+
+
+def test_bad_input(tiny, torch_ops, kit):
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="exclusive"):
+        patch_liger_kernel(model, ops=torch_ops, cross_entropy=True)
+    with pytest.raises(TypeError, match="rope must be a bool"):
+        patch_liger_kernel(model, ops=torch_ops, rope="yes")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        patch_liger_kernel(model, ops=torch_ops, layer_norm=True)
+    with pytest.raises(TypeError, match="config"):
+        patch_liger_kernel(torch.nn.Linear(2, 2), ops=torch_ops)
+    model.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="'gpt2'.*supported: " + ", ".join(supported_model_types())):
+        patch_liger_kernel(model, ops=torch_ops)
+    model.config.model_type = "llama"
+    assert get_liger_kernel_patch(model) is None
+
+
+def test_unsupported_activation_raises_before_any_change(tiny, torch_ops, kit):
+    model = tiny("llama", hidden_act="gelu")
+    before = kit.instance_state(model)
+    with pytest.raises(ValueError, match="hidden_act is 'gelu'"):
+        patch_liger_kernel(model, ops=torch_ops)
+    kit.assert_same_state(before, kit.instance_state(model))
+    patch_liger_kernel(model, ops=torch_ops, swiglu=False)  # the rest still applies
+    unpatch_liger_kernel(model)
+
+
+def test_base_model_without_head(torch_ops, kit):
+    import transformers
+
+    model = transformers.LlamaModel(transformers.LlamaConfig(**kit.TINY))
+    with pytest.raises(ValueError, match="LlamaForCausalLM head"):
+        patch_liger_kernel(model, ops=torch_ops)
+    patch_liger_kernel(model, ops=torch_ops, fused_linear_cross_entropy=False)
+    assert model.norm._get_name() == "LigerRMSNorm"
+    unpatch_liger_kernel(model)
+    assert "forward" not in vars(model.norm)
