@@ -34,8 +34,8 @@ class ScaledNorm(nn.Module):
 
 class Tiny(nn.Module):
     # "norm" (non-strict): under FSDP2 only buffers stay fp32; "router" (strict): its own fp32 unit.
-    _keep_in_fp32_modules = ["norm"]
-    _keep_in_fp32_modules_strict = ["router"]
+    _keep_in_fp32_modules = ["norm"]  # noqa: RUF012
+    _keep_in_fp32_modules_strict = ["router"]  # noqa: RUF012
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()

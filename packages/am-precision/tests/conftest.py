@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -53,8 +55,8 @@ def keep_llama():
     from transformers import LlamaForCausalLM
 
     class KeepLlama(LlamaForCausalLM):
-        _keep_in_fp32_modules = ["norm"]
-        _keep_in_fp32_modules_strict = ["input_layernorm", "mlp.gate_proj"]
+        _keep_in_fp32_modules = ["norm"]  # noqa: RUF012
+        _keep_in_fp32_modules_strict = ["input_layernorm", "mlp.gate_proj"]  # noqa: RUF012
 
     return lambda: KeepLlama(_tiny_llama_config())
 
@@ -65,3 +67,78 @@ def tiny_t5():
     from transformers import T5ForConditionalGeneration
 
     return lambda: T5ForConditionalGeneration(_tiny_t5_config())
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """A FAKE transformer_engine (not the real library): tiny torch stand-ins with TE's public signatures.
+
+    It exists only to test our own logic on CPU (dispatch, patch protocol, flag injection, recipe mapping);
+    it says nothing about TE's kernels, which tests/gpu/test_precision.py exercises with the real library.
+    """
+    import contextlib
+    import types
+
+    from torch import nn
+
+    calls: dict[str, list] = {"linear": [], "grouped": [], "autocast": []}
+
+    class Linear(nn.Module):
+        def __init__(self, in_features, out_features, bias=True, *, params_dtype=None, device="cuda"):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = nn.Parameter(
+                torch.randn(out_features, in_features, dtype=params_dtype, device=device)
+            )
+            self.bias = (
+                nn.Parameter(torch.zeros(out_features, dtype=params_dtype, device=device)) if bias else None
+            )
+
+        def forward(self, inp, is_first_microbatch=None, fp8_output=False, fp8_grad=False):
+            calls["linear"].append(is_first_microbatch)
+            return nn.functional.linear(inp, self.weight, self.bias)
+
+    class GroupedLinear(nn.Module):
+        def forward(self, inp, m_splits, is_first_microbatch=None):
+            calls["grouped"].append(is_first_microbatch)
+            return inp
+
+    class _NormBase(nn.Module):
+        def forward(self, inp):
+            return inp * torch.rsqrt(inp.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    class RMSNorm(_NormBase):  # forward is inherited, as in some TE releases
+        def __init__(self, normalized_shape, eps=1e-5, *, params_dtype=None, device="cuda"):
+            super().__init__()
+            self.eps = eps
+            self.weight = nn.Parameter(torch.ones(normalized_shape, dtype=params_dtype, device=device))
+
+    @contextlib.contextmanager
+    def autocast(enabled=True, calibrating=False, recipe=None, amax_reduction_group=None):
+        calls["autocast"].append((enabled, recipe))
+        yield
+
+    class _Recipe:
+        def __repr__(self):
+            return type(self).__name__
+
+    recipe_mod = types.ModuleType("transformer_engine.common.recipe")
+    for name in ("Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling", "DelayedScaling"):
+        setattr(recipe_mod, name, type(name, (_Recipe,), {}))
+    pt = types.ModuleType("transformer_engine.pytorch")
+    pt.Linear, pt.GroupedLinear, pt.RMSNorm, pt.autocast = Linear, GroupedLinear, RMSNorm, autocast
+    root = types.ModuleType("transformer_engine")
+    root.__version__ = "0.0-fake"
+    common = types.ModuleType("transformer_engine.common")
+    root.pytorch, root.common, common.recipe = pt, common, recipe_mod
+    for name, mod in {
+        "transformer_engine": root,
+        "transformer_engine.pytorch": pt,
+        "transformer_engine.common": common,
+        "transformer_engine.common.recipe": recipe_mod,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    import am_precision.availability as availability
+
+    monkeypatch.setattr(availability, "HAVE_TE", True)
+    return types.SimpleNamespace(te=pt, recipes=recipe_mod, calls=calls)

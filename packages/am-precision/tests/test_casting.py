@@ -67,7 +67,7 @@ def test_meta_model_casts(keep_llama):
 
 
 class _WithBuffers(nn.Module):
-    _keep_in_fp32_modules = ["norm"]
+    _keep_in_fp32_modules = ["norm"]  # noqa: RUF012
 
     def __init__(self):
         super().__init__()
@@ -101,7 +101,7 @@ def test_skip_modules_left_untouched_and_order_kept():
 
 
 def test_bad_dtype():
-    with pytest.raises(TypeError, match="floating torch.dtype"):
+    with pytest.raises(TypeError, match=r"floating torch\.dtype"):
         cast_model_to_dtype(nn.Linear(2, 2), torch.int8)
 
 
@@ -131,7 +131,7 @@ def test_yield_fp32_model_samples_in_fp32_and_restores_on_error():
 
 
 class _Tower(nn.Module):
-    _keep_in_fp32_modules = ["keep"]
+    _keep_in_fp32_modules = ["keep"]  # noqa: RUF012
 
     def __init__(self):
         super().__init__()

@@ -59,8 +59,8 @@ def test_dotted_keywords(keyword, name, expected):
 
 
 class _Holder(nn.Module):
-    _keep_in_fp32_modules = ["norm", "router"]
-    _keep_in_fp32_modules_strict = {"router", "bias_c"}
+    _keep_in_fp32_modules = ["norm", "router"]  # noqa: RUF012
+    _keep_in_fp32_modules_strict = {"router", "bias_c"}  # noqa: RUF012
 
     def __init__(self):
         super().__init__()
