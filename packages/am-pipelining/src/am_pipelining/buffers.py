@@ -30,7 +30,7 @@ def init_hf_model_buffers(model: nn.Module, device: torch.device | str) -> None:
     Raises RuntimeError naming any non-persistent buffer still on meta afterwards.
     """
     device = torch.device(device)
-    for name, module in model.named_modules():
+    for module in model.modules():
         buffers = dict(module.named_buffers(recurse=False))
         if any(b.endswith("inv_freq") for b in buffers) and getattr(module, "config", None) is not None:
             _rebuild_rotary(module, device)

@@ -218,7 +218,11 @@ def create_pipeline_forward_causal_lm() -> Forward:
 
 
 def create_pipeline_forward_mistral3_vlm() -> Forward:
-    """Pipeline forward for Mistral3ForConditionalGeneration: images merged on stage 0, lm_head last."""
+    """Pipeline forward for Mistral3ForConditionalGeneration: images merged on stage 0, lm_head last.
+
+    `pixel_values`/`image_sizes` are consumed by the stage that embeds token ids; later stages receive
+    hidden states with the image features already merged, so they do not use them again.
+    """
 
     def pipeline_forward(
         self: nn.Module,
@@ -330,7 +334,10 @@ def create_pipeline_forward_gemma4_text(*, mask_cache: CausalMaskCache | None = 
 
 
 def create_pipeline_forward_gemma4_vlm() -> Forward:
-    """Pipeline forward for Gemma4ForConditionalGeneration: images merged on stage 0, softcapped logits last."""
+    """Pipeline forward for Gemma4ForConditionalGeneration: images merged on stage 0, softcapped logits last.
+
+    As for Mistral3, `pixel_values` are consumed by the stage that embeds token ids.
+    """
     _require_gemma4()
 
     def pipeline_forward(

@@ -35,7 +35,7 @@ def _decoder_contract(decoder: nn.Module):
             raise contract_error(f"{type(decoder).__qualname__}", "has no `layers` attribute")
         config = decoder.config
         layers = owned_layers(decoder)
-        for idx, layer in layers:
+        for idx, _layer in layers:
             mask_function(layer_type_of(config, idx))
         if layers:
             layer_cls = type(layers[0][1])
