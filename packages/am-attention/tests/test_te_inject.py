@@ -11,7 +11,7 @@ import am_attention as A
 from am_attention.reference import ReferenceDotProductAttention
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _models import ARCHS, build  # noqa: E402
+from _models import ARCHS, build
 
 REF = ReferenceDotProductAttention
 S = 16  # > the sliding windows (5, 6) so sliding layers get real 4D masks
@@ -174,7 +174,13 @@ def test_cu_seq_lens_kwargs_run_thd():
     ref = _per_document_logits(model, docs)
     with A.inject_te_attention(model, dot_product_attention_cls=REF):
         out = model(
-            input_ids=ids, position_ids=position_ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=10, max_length_k=10
+            input_ids=ids,
+            position_ids=position_ids,
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=10,
+            max_length_k=10,
         ).logits[0]
     assert A.get_te_attention_stats()["te_thd_hits"] == 2
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -197,7 +203,11 @@ def test_indexed_mask_reaching_attention_runs_thd_with_padding():
         for b, spans in ((0, [(0, 3), (3, 5)]), (1, [(0, 7)])):
             for s0, s1 in spans:
                 want = torch.nn.functional.scaled_dot_product_attention(
-                    q[b : b + 1, :, s0:s1], k[b : b + 1, :, s0:s1], v[b : b + 1, :, s0:s1], is_causal=True, enable_gqa=True
+                    q[b : b + 1, :, s0:s1],
+                    k[b : b + 1, :, s0:s1],
+                    v[b : b + 1, :, s0:s1],
+                    is_causal=True,
+                    enable_gqa=True,
                 ).transpose(1, 2)[0]
                 torch.testing.assert_close(out[b, s0:s1], want, atol=1e-5, rtol=0)
         assert out[0, 5:].abs().max() == 0

@@ -39,7 +39,9 @@ class ReferenceDotProductAttention(torch.nn.Module):
             raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {attn_mask_type!r}")
         groups = num_attention_heads if num_gqa_groups is None else num_gqa_groups
         if num_attention_heads % groups:
-            raise ValueError(f"num_attention_heads {num_attention_heads} not divisible by num_gqa_groups {groups}")
+            raise ValueError(
+                f"num_attention_heads {num_attention_heads} not divisible by num_gqa_groups {groups}"
+            )
         self.num_attention_heads = num_attention_heads
         self.kv_channels = kv_channels
         self.num_gqa_groups = groups
@@ -71,12 +73,16 @@ class ReferenceDotProductAttention(torch.nn.Module):
         if mask_type not in _MASK_TYPES:
             raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
         if attention_mask is not None:
-            raise ValueError("the reference kernel takes no attention_mask tensor; use attn_mask_type/cu_seqlens")
+            raise ValueError(
+                "the reference kernel takes no attention_mask tensor; use attn_mask_type/cu_seqlens"
+            )
         dropout = self.attention_dropout if self.training else 0.0
         if fmt == "thd":
             if cu_seqlens_q is None or cu_seqlens_kv is None:
                 raise ValueError("qkv_format 'thd' needs cu_seqlens_q and cu_seqlens_kv")
-            return self._thd(query_layer, key_layer, value_layer, cu_seqlens_q, cu_seqlens_kv, mask_type, window, dropout)
+            return self._thd(
+                query_layer, key_layer, value_layer, cu_seqlens_q, cu_seqlens_kv, mask_type, window, dropout
+            )
         if mask_type.startswith("padding"):
             raise ValueError(f"attn_mask_type {mask_type!r} needs qkv_format 'thd' in the reference kernel")
         if fmt == "sbhd":
@@ -106,14 +112,18 @@ class ReferenceDotProductAttention(torch.nn.Module):
         t = q.shape[0]
         pos = torch.arange(t, device=q.device)
         doc_q = torch.searchsorted(cu_q[1:].to(torch.long), pos, right=True)
-        doc_k = torch.searchsorted(cu_kv[1:].to(torch.long), torch.arange(k.shape[0], device=q.device), right=True)
+        doc_k = torch.searchsorted(
+            cu_kv[1:].to(torch.long), torch.arange(k.shape[0], device=q.device), right=True
+        )
         valid_q = pos < cu_q[-1]
         mask = doc_q[:, None] == doc_k[None, :]
         if mask_type.endswith("causal"):
             # within a document, queries and keys share offsets for self-attention (cu_q == cu_kv)
             mask = mask & _band(t, k.shape[0], window, q.device)
         # rows past the last document (THD padding) attend to themselves and are zeroed below
-        mask = mask | (~valid_q[:, None] & (pos[:, None] == torch.arange(k.shape[0], device=q.device)[None, :]))
+        mask = mask | (
+            ~valid_q[:, None] & (pos[:, None] == torch.arange(k.shape[0], device=q.device)[None, :])
+        )
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             k.transpose(0, 1)[None],

@@ -49,15 +49,27 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
     sdpa = _DELEGATES.get("attention")
     if sdpa is None:
         raise RuntimeError("the 'te' attention backend was called without being registered")
-    return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    return sdpa(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
 
 
-def _packed(query: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> tuple[PackedInfo | None, str]:
+def _packed(
+    query: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]
+) -> tuple[PackedInfo | None, str]:
     """Packed-batch boundaries, or (None, reason) — reason "" means not packed."""
     batch, _, seq, _ = query.shape
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
-        if batch != 1 or cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+        if batch != 1 or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
             return None, "fallback_shape"
         max_len = kwargs.get("max_length_q")
         if max_len is None:
@@ -195,7 +207,9 @@ def _interfaces() -> tuple[type, type]:
     for name, iface in (("AttentionInterface", attn_iface), ("AttentionMaskInterface", mask_iface)):
         mapping = getattr(iface, "_global_mapping", None)
         if not isinstance(mapping, dict) or "sdpa" not in mapping:
-            raise contract_error(f"transformers {name}._global_mapping", "expected a dict with an 'sdpa' entry")
+            raise contract_error(
+                f"transformers {name}._global_mapping", "expected a dict with an 'sdpa' entry"
+            )
     return attn_iface, mask_iface
 
 
@@ -209,14 +223,25 @@ def register_te_attention_backend() -> PatchSet:
     sdpa_mask = mask_iface._global_mapping["sdpa"]
 
     def check_attention(_live: Any) -> None:
-        require_parameters(sdpa, ["module", "query", "key", "value", "attention_mask", "scaling", "is_causal"])
+        require_parameters(
+            sdpa, ["module", "query", "key", "value", "attention_mask", "scaling", "is_causal"]
+        )
 
     patches = PatchSet(
         [
-            ItemPatch(attn_iface._global_mapping, TE_ATTN_IMPLEMENTATION, te_attention_forward,
-                      contract=check_attention, label="AttentionInterface._global_mapping"),
-            ItemPatch(mask_iface._global_mapping, TE_ATTN_IMPLEMENTATION, te_mask,
-                      label="AttentionMaskInterface._global_mapping"),
+            ItemPatch(
+                attn_iface._global_mapping,
+                TE_ATTN_IMPLEMENTATION,
+                te_attention_forward,
+                contract=check_attention,
+                label="AttentionInterface._global_mapping",
+            ),
+            ItemPatch(
+                mask_iface._global_mapping,
+                TE_ATTN_IMPLEMENTATION,
+                te_mask,
+                label="AttentionMaskInterface._global_mapping",
+            ),
         ],
         name="te_attention_backend",
     )

@@ -170,7 +170,8 @@ def _config_contract(config: Any) -> Callable[[Any], None]:
     def check(_live: Any) -> None:
         if _CONFIG_ATTR not in vars(config):
             raise contract_error(
-                f"{type(config).__qualname__}.{_CONFIG_ATTR}", "configs no longer store the attention backend there"
+                f"{type(config).__qualname__}.{_CONFIG_ATTR}",
+                "configs no longer store the attention backend there",
             )
 
     return check
@@ -190,7 +191,9 @@ def inject_te_attention(
     if existing is not None and existing.applied:
         return existing
     if vars(model).get(MODEL_FLAG):
-        raise RuntimeError(f"{type(model).__name__} is flagged {MODEL_FLAG} but this process holds no handle for it")
+        raise RuntimeError(
+            f"{type(model).__name__} is flagged {MODEL_FLAG} but this process holds no handle for it"
+        )
     cls = dot_product_attention_cls or default_dot_product_attention_cls()
     if not te_backend.is_te_attention_backend_registered():
         te_backend.register_te_attention_backend()

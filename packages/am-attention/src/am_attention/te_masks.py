@@ -36,9 +36,7 @@ def _visible(values: torch.Tensor) -> torch.Tensor:
     return values > -1e4
 
 
-def _sample_checks(
-    attn_mask: torch.Tensor, left: int, doc_start: torch.Tensor | None
-) -> torch.Tensor | None:
+def _sample_checks(attn_mask: torch.Tensor, left: int, doc_start: torch.Tensor | None) -> torch.Tensor | None:
     """A 0-d bool tensor: does the mask equal the causal(+window)(+document) pattern at the sampled entries."""
     if attn_mask.ndim != 4 or attn_mask.shape[-1] != attn_mask.shape[-2]:
         return None
@@ -142,7 +140,9 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> PackedInfo | Non
 def cu_seqlens_from_indexed_mask(mask: torch.Tensor) -> PackedInfo:
     """Documents of an indexed [B, S] mask (1-based document ids, 0 = padding); padding tokens are dropped."""
     if mask.ndim != 2 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
-        raise ValueError(f"indexed mask must be an integer [B, S] tensor, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"indexed mask must be an integer [B, S] tensor, got {mask.dtype} {tuple(mask.shape)}"
+        )
     b, s = mask.shape
     flat = mask.reshape(-1).to(torch.long)
     keep = flat > 0
@@ -213,4 +213,6 @@ def packed_mask_matches(attn_mask: torch.Tensor, position_ids: torch.Tensor, lef
         ok = _sample_checks(attn_mask, eff_left, start)
         return ok is not None and bool(ok)
 
-    return _MASK_MEMO.get_or_compute(attn_mask, ("packed", id(position_ids), position_ids._version, left), compute)
+    return _MASK_MEMO.get_or_compute(
+        attn_mask, ("packed", id(position_ids), position_ids._version, left), compute
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttnParams", "infer_attn_params", "proj_out_features", "check_attention_module"]
+__all__ = ["AttnParams", "check_attention_module", "infer_attn_params", "proj_out_features"]
 
 
 @dataclass(frozen=True)
