@@ -1,0 +1,253 @@
+"""`configure_packing` and its undo: make every transformers decoder honour indexed packing masks.
+
+What is patched (all through `Patch`, reverted exactly by `unconfigure_packing`):
+
+1. ``masking_utils.create_causal_mask`` and ``create_sliding_window_causal_mask``: so any modeling module
+   imported *after* `configure_packing` binds our pass-through at its ``from ...masking_utils import``.
+2. The same names in every already-imported ``transformers.models.*`` module holding the original
+   (discovered by identity in ``sys.modules``; `discovery.find_causal_mask_modules` lists the candidates
+   from source without importing them).
+3. ``modeling_flash_attention_utils._get_unpad_data``: one varlen sequence per document.
+
+Modules imported while packing is configured hold our pass-through; the undo finds them (by identity)
+and restores the original there too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ._contract import contract_error, import_module_checked, require_parameters, require_result
+from ._patch import MISSING, Patch, PatchSet, mark
+from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, document_mask_function, flash_unpad_data
+from .discovery import MASK_BUILDERS
+from .mask import validate_indexed_mask
+
+__all__ = [
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "configure_packing",
+    "create_causal_mask",
+    "create_sliding_window_causal_mask",
+    "get_attn_implementation",
+    "unconfigure_packing",
+]
+
+# Backends whose varlen path takes the 2D indexed mask itself (unpadded per document).
+_VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTN_IMPLEMENTATION)
+# Backends for which the indexed mask becomes a block-diagonal (sliding) causal mask.
+_MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
+SUPPORTED_ATTN_IMPLEMENTATIONS: tuple[str, ...] = _MASK_BACKENDS + _VARLEN_BACKENDS
+
+
+def get_attn_implementation(cfg_model: Any) -> str:
+    """Attention backend named by a model config: ``backend.attn`` (custom models), else
+    ``attn_implementation`` / ``_attn_implementation`` (HF), else ``"sdpa"``. Accepts mappings or objects."""
+
+    def read(obj: Any, key: str) -> Any:
+        if isinstance(obj, Mapping):
+            return obj.get(key, MISSING)
+        return getattr(obj, key, MISSING)
+
+    backend = read(cfg_model, "backend")
+    if backend is not MISSING and backend is not None:
+        attn = read(backend, "attn")
+        if attn is not MISSING and attn is not None:
+            return str(attn)
+    for key in ("attn_implementation", "_attn_implementation"):
+        value = read(cfg_model, key)
+        if value is not MISSING and value is not None:
+            return str(value)
+    return "sdpa"
+
+
+def _split_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    known = {k: v for k, v in kwargs.items() if k in sig.parameters}
+    extra = {k: v for k, v in kwargs.items() if k not in sig.parameters}
+    return dict(sig.bind_partial(*args, **known).arguments), extra
+
+
+def _is_int_2d(mask: Any) -> bool:
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.ndim == 2
+        and mask.dtype != torch.bool
+        and not mask.dtype.is_floating_point
+        and not mask.dtype.is_complex
+    )
+
+
+def _make_passthrough(builder: str) -> Any:
+    """A packing-aware replacement for ``masking_utils.<builder>`` that reads the original at call time."""
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        original = _original(builder)
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if not _is_int_2d(mask):
+            return original(*args, **kwargs)
+        sig = _SIGNATURES.get(builder) or inspect.signature(original)
+        arguments, extra = _split_arguments(sig, args, kwargs)
+        mask = arguments.get("attention_mask")
+        stats = torch.stack([mask.max(), mask.min()]).tolist() if mask.numel() else [0, 0]
+        if stats[0] <= 1 and stats[1] >= 0:  # plain 0/1 padding mask: transformers' own behaviour
+            return original(*args, **kwargs)
+        validate_indexed_mask(mask)
+        cache = arguments.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError(
+                "an indexed packing mask cannot be combined with a non-empty KV cache "
+                f"({cache.get_seq_length()} cached tokens); packing is for training/prefill from scratch"
+            )
+        config = arguments["config"]
+        impl = getattr(config, "_attn_implementation", None)
+        if impl in _VARLEN_BACKENDS:
+            cached_unpad_data(mask)  # one sync here; every layer then reads the cache
+            return mask
+        if impl in _MASK_BACKENDS:
+            same_doc = document_mask_function(mask.to(torch.long))
+            user_and = arguments.get("and_mask_function")
+            if user_and is not None:
+                masking = sys.modules["transformers.masking_utils"]
+                same_doc = masking.and_masks(user_and, same_doc)
+            # The document ids replace both the padding mask and transformers' position_ids packing
+            # detection (which would cost another host sync and sees nothing the ids do not say).
+            arguments.update(attention_mask=None, and_mask_function=same_doc)
+            if "position_ids" in sig.parameters:
+                arguments["position_ids"] = None
+            return original(**arguments, **extra)
+        raise ValueError(
+            f"an indexed packing mask reached attn_implementation={impl!r}, which am-packing cannot pack "
+            f"exactly; supported: {list(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
+        )
+
+    passthrough.__name__ = passthrough.__qualname__ = builder
+    return passthrough
+
+
+_ORIGINALS: dict[str, Any] = {}
+
+
+def _original(builder: str) -> Any:
+    """transformers' own builder (also when the pass-through is called without configure_packing)."""
+    if builder in _ORIGINALS:
+        return _ORIGINALS[builder]
+    live = getattr(import_module_checked("transformers.masking_utils"), builder)
+    if live is _PASSTHROUGHS[builder]:
+        raise RuntimeError(f"transformers.masking_utils.{builder} is our pass-through but its original is unknown")
+    return live
+
+
+_SIGNATURES: dict[str, inspect.Signature] = {}
+create_causal_mask = _make_passthrough("create_causal_mask")
+create_sliding_window_causal_mask = _make_passthrough("create_sliding_window_causal_mask")
+_PASSTHROUGHS = {"create_causal_mask": create_causal_mask, "create_sliding_window_causal_mask": create_sliding_window_causal_mask}
+for _name, _fn in _PASSTHROUGHS.items():
+    _fn.__doc__ = (
+        f"Packing-aware `{_name}`: indexed packing masks become per-document masks (sdpa/eager/flex) or "
+        "pass through untouched (flash/torch_varlen); anything else goes to transformers' original."
+    )
+    mark(_fn, f"am_packing.{_name}")
+
+
+def _builder_contract(builder: str) -> Any:
+    def check(live: Any) -> None:
+        what = f"transformers.masking_utils.{builder}"
+        require_parameters(live, ["config", "attention_mask", "past_key_values", "and_mask_function"], what)
+        masking = sys.modules["transformers.masking_utils"]
+        if not callable(getattr(masking, "and_masks", None)):
+            raise contract_error("transformers.masking_utils.and_masks", "no longer exists")
+
+    return check
+
+
+def _unpad_contract(live: Any) -> None:
+    what = "transformers.modeling_flash_attention_utils._get_unpad_data"
+    require_parameters(live, ["attention_mask"], what)
+    result = live(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    require_result(
+        what,
+        result,
+        lambda r: isinstance(r, tuple)
+        and len(r) == 3
+        and r[0].tolist() == [0, 1, 3, 4, 5]
+        and r[1].tolist() == [0, 2, 5]
+        and int(r[2]) == 3,
+        "(indices [0, 1, 3, 4, 5], cu_seqlens [0, 2, 5], max_seqlen 3)",
+    )
+
+
+class _PackingPatchSet(PatchSet):
+    """PatchSet that, on revert, also restores modules imported while packing was configured."""
+
+    def revert(self) -> None:
+        covered = {(id(p.target), p.attr) for p in self.patches}
+        for module in list(sys.modules.values()):
+            if module is None or not getattr(module, "__name__", "").startswith("transformers."):
+                continue
+            for builder, passthrough in _PASSTHROUGHS.items():
+                if vars(module).get(builder) is passthrough and (id(module), builder) not in covered:
+                    late = Patch(module, builder, passthrough)
+                    late.original, late.applied = _ORIGINALS[builder], True
+                    late._am_late = True  # type: ignore[attr-defined]
+                    self.patches.append(late)
+        super().revert()
+        self.patches = [p for p in self.patches if not _is_late(p)]
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+
+def _is_late(patch: Patch) -> bool:
+    return getattr(patch, "_am_late", False)
+
+
+_ACTIVE: _PackingPatchSet | None = None
+
+
+def configure_packing(attn_implementation: str = "sdpa") -> PatchSet:
+    """Make transformers honour indexed packing masks for `attn_implementation` (and every other supported one).
+
+    Patches the mask builders of ``masking_utils`` and of every imported modeling module that holds them,
+    plus flash-attention's ``_get_unpad_data``. Idempotent (a second call returns the same handle);
+    returns a handle with ``.revert()`` that is also a context manager. Undo: `unconfigure_packing`.
+    """
+    global _ACTIVE
+    if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} cannot be packed exactly; "
+            f"supported: {list(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
+        )
+    if _ACTIVE is not None and _ACTIVE.applied:
+        return _ACTIVE
+    masking = import_module_checked("transformers.masking_utils")
+    flash_utils = import_module_checked("transformers.modeling_flash_attention_utils")
+    patches: list[Patch] = []
+    for builder in MASK_BUILDERS:
+        live = vars(masking).get(builder, MISSING)
+        if live is MISSING:
+            raise contract_error(f"transformers.masking_utils.{builder}", "the function no longer exists")
+        original = live if live is not _PASSTHROUGHS[builder] else _ORIGINALS[builder]
+        _ORIGINALS[builder] = original
+        _SIGNATURES[builder] = inspect.signature(original)
+        patches.append(Patch(masking, builder, _PASSTHROUGHS[builder], contract=_builder_contract(builder)))
+        for name, module in sorted(sys.modules.items()):
+            if name.startswith("transformers.models.") and module is not None:
+                if vars(module).get(builder) is original:
+                    patches.append(Patch(module, builder, _PASSTHROUGHS[builder]))
+    patches.append(Patch(flash_utils, "_get_unpad_data", flash_unpad_data, contract=_unpad_contract))
+    handle = _PackingPatchSet(patches, name=f"am_packing.configure_packing({attn_implementation!r})")
+    handle.apply()
+    _ACTIVE = handle
+    return handle
+
+
+def unconfigure_packing() -> None:
+    """Undo `configure_packing`: restore every patched object exactly (no-op when not configured)."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        _ACTIVE.revert()
+        _ACTIVE = None
