@@ -60,6 +60,9 @@ class TEAttentionHandle(PatchSet):
         self.taken = taken  # module names that run the kernel
 
     def revert(self) -> None:
+        # Refuse before touching anything when a foreign patch sits on ours, so a retry can succeed.
+        for patch in self.patches:
+            patch.check_revertible()
         model = self.model_ref()
         if model is not None:
             _MODEL_HANDLES.pop(model, None)

@@ -84,6 +84,9 @@ class Patch:
         self.contract = contract
         self.original: Any = MISSING
         self.applied = False
+        # True when apply() found our replacement already live (set by another Patch object):
+        # then this patch owns nothing, and revert() must leave the attribute alone.
+        self.adopted = False
 
     def __repr__(self) -> str:
         state = "applied" if self.applied else "not applied"
@@ -114,7 +117,9 @@ class Patch:
 
     def apply(self) -> None:
         if self.is_live():
-            self.applied = True
+            if not self.applied:
+                self.adopted = True
+                self.applied = True
             return
         if self.contract is not None:
             self.contract(self._live())
@@ -122,8 +127,9 @@ class Patch:
         self._set(self.replacement)
         self.applied = True
 
-    def revert(self) -> None:
-        if not self.applied:
+    def check_revertible(self) -> None:
+        """Raise RuntimeError when something else was patched over this (applied) patch."""
+        if not self.applied or self.adopted:
             return
         current = self._own()
         if current is not self.replacement:
@@ -131,6 +137,15 @@ class Patch:
                 f"cannot revert the patch of {self.describe()}: something else was patched over it "
                 f"(found {current!r}); revert that patch first"
             )
+
+    def revert(self) -> None:
+        if not self.applied:
+            return
+        if self.adopted:
+            self.adopted = False
+            self.applied = False
+            return
+        self.check_revertible()
         if self.original is MISSING:
             self._delete()
         else:
@@ -208,6 +223,9 @@ class PatchSet:
         return self
 
     def revert(self) -> None:
+        # Check every patch first, so a foreign patch never leaves the set half-reverted.
+        for patch in self.patches:
+            patch.check_revertible()
         for patch in reversed(self.patches):
             patch.revert()
 

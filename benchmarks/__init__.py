@@ -1,0 +1,1 @@
+"""GPU benchmarks: each module measures ours vs a baseline side by side in one run."""

@@ -1,0 +1,117 @@
+"""Run every GPU benchmark and write benchmarks/RESULTS.md.
+
+    python -m benchmarks [--only packing,attention] [--smoke]
+
+Each benchmark runs in its own process (a crash or OOM in one does not lose the others) and writes a
+JSON file of numbers; this driver collects them into RESULTS.md with the GPU model, the torch and
+transformers versions and the date. pipelining needs 2 GPUs and is launched with torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SINGLE_GPU = ("packing", "attention", "precision", "liger")
+MULTI_GPU = ("pipelining",)
+
+
+def _environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    env = {
+        "gpu": gpu,
+        "gpus": str(torch.cuda.device_count()),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    try:
+        import transformer_engine
+
+        env["transformer_engine"] = transformer_engine.__version__
+    except ImportError:
+        env["transformer_engine"] = "not installed"
+    return env
+
+
+def _run(name: str, out: Path, smoke: bool, timeout: int) -> dict:
+    if name in MULTI_GPU:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", f"benchmarks.{name}", "--out", str(out)]
+    else:
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)]
+    if smoke:
+        cmd.append("--smoke")
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=HERE.parent, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"error": f"exit status {proc.returncode}"}
+    return json.loads(out.read_text())
+
+
+def _markdown(results_dir: Path) -> str:
+    """RESULTS.md from every results/<name>.json, each with the machine it ran on."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m benchmarks` from `benchmarks/results/*.json`. Each benchmark measures ours and",
+        "its baseline side by side in the same process; ratios are what to read, absolute times only describe",
+        "the machine named under each benchmark.",
+        "",
+    ]
+    for path in sorted(results_dir.glob("*.json")):
+        numbers = json.loads(path.read_text())
+        env = numbers.pop("environment", {})
+        lines += [f"## {path.stem}", ""]
+        if env:
+            lines.append("Ran on " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".")
+            lines.append("")
+        lines += ["```json", json.dumps(numbers, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
+    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--timeout", type=int, default=300)
+    args = parser.parse_args()
+
+    import torch
+
+    env = _environment()
+    names = [n for n in args.only.split(",") if n] or [*SINGLE_GPU, *MULTI_GPU]
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name in names:
+        if name in MULTI_GPU and torch.cuda.device_count() < 2 and not args.smoke:
+            results[name] = {"skipped": f"needs 2 GPUs, found {torch.cuda.device_count()}"}
+            continue
+        out = results_dir / f"{name}.json"
+        results[name] = _run(name, out, args.smoke, args.timeout)
+        results[name]["environment"] = {**env, "smoke": args.smoke}
+        out.write_text(json.dumps(results[name], indent=2, default=str))
+    Path(args.markdown).write_text(_markdown(results_dir))
+    print(json.dumps(results, indent=2, default=str))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

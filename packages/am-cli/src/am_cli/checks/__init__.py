@@ -1,0 +1,1 @@
+"""One module per package: each returns a report Section for a model config."""
