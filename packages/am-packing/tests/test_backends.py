@@ -9,12 +9,18 @@ cross-document leak (or window error) shows up at >= 1e-2.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from am_packing import backends, configure_packing, pack_sequences, register_varlen_attention, unconfigure_packing
+from am_packing import (
+    backends,
+    configure_packing,
+    pack_sequences,
+    register_varlen_attention,
+)
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
 LENGTHS = (12, 5, 20, 9, 1, 17)  # several > the window (8); one single-token document
@@ -158,7 +164,7 @@ def reference_varlen_kernel(query, key, value, cu_seqlens, max_seqlen, *, scale,
     outs = []
     n_rep = query.shape[1] // key.shape[1]
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         q = query[s:e].transpose(0, 1)
         k = key[s:e].repeat_interleave(n_rep, 1).transpose(0, 1)
         v = value[s:e].repeat_interleave(n_rep, 1).transpose(0, 1)

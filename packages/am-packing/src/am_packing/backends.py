@@ -195,7 +195,9 @@ def varlen_attention_forward(
     positions come back as zeros.
     """
     if dropout:
-        raise ValueError(f"torch_varlen attention has no dropout; got dropout={dropout} (set attention_dropout=0)")
+        raise ValueError(
+            f"torch_varlen attention has no dropout; got dropout={dropout} (set attention_dropout=0)"
+        )
     if softcap is not None:
         raise ValueError(f"torch_varlen attention has no logit softcapping; got softcap={softcap}")
     if kwargs.get("s_aux") is not None:
@@ -244,6 +246,7 @@ def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs
 mark(varlen_attention_forward, "am_packing.varlen_attention_forward")
 mark(flash_unpad_data, "am_packing.flash_unpad_data")
 mark(varlen_mask, "am_packing.varlen_mask")
+
 
 # --------------------------------------------------------------------------- registration
 class _VarlenPatchSet(PatchSet):

@@ -28,7 +28,9 @@ def _as_list(value: Any, what: str, index: int) -> list[int]:
         return [int(v) for v in value.tolist()]
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [int(v) for v in value]
-    raise TypeError(f"example {index}: {what} must be a sequence of ints or a 1D tensor, got {type(value).__name__}")
+    raise TypeError(
+        f"example {index}: {what} must be a sequence of ints or a 1D tensor, got {type(value).__name__}"
+    )
 
 
 def _normalise(examples: Sequence[Any], max_length: int, truncate: bool) -> list[tuple[list[int], list[int]]]:
@@ -38,7 +40,9 @@ def _normalise(examples: Sequence[Any], max_length: int, truncate: bool) -> list
             if "input_ids" not in example:
                 raise ValueError(f"example {i} has no 'input_ids' key (keys: {sorted(example)})")
             ids = _as_list(example["input_ids"], "input_ids", i)
-            labels = _as_list(example["labels"], "labels", i) if example.get("labels") is not None else list(ids)
+            labels = (
+                _as_list(example["labels"], "labels", i) if example.get("labels") is not None else list(ids)
+            )
             if len(labels) != len(ids):
                 raise ValueError(f"example {i}: {len(labels)} labels for {len(ids)} input_ids")
         else:
@@ -136,7 +140,12 @@ class PackingCollator:
     """DataLoader ``collate_fn`` around `pack_sequences`; tracks packing efficiency over its batches."""
 
     def __init__(
-        self, max_length: int, pad_token_id: int = 0, *, truncate: bool = False, return_cu_seqlens: bool = False
+        self,
+        max_length: int,
+        pad_token_id: int = 0,
+        *,
+        truncate: bool = False,
+        return_cu_seqlens: bool = False,
     ) -> None:
         if not isinstance(max_length, int) or max_length <= 0:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")

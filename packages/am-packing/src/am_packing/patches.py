@@ -37,8 +37,10 @@ __all__ = [
     "unconfigure_packing",
 ]
 
-# Backends whose varlen path takes the 2D indexed mask itself (unpadded per document).
-_VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTN_IMPLEMENTATION)
+# Backends whose varlen path takes the 2D indexed mask itself (unpadded per document). "te" is
+# am-attention's Transformer Engine backend, which runs the indexed mask in TE's THD format; it is
+# named here as data, am-packing does not import am-attention.
+_VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTN_IMPLEMENTATION, "te")
 # Backends for which the indexed mask becomes a block-diagonal (sliding) causal mask.
 _MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
 SUPPORTED_ATTN_IMPLEMENTATIONS: tuple[str, ...] = _MASK_BACKENDS + _VARLEN_BACKENDS
@@ -137,14 +139,19 @@ def _original(builder: str) -> Any:
         return _ORIGINALS[builder]
     live = getattr(import_module_checked("transformers.masking_utils"), builder)
     if live is _PASSTHROUGHS[builder]:
-        raise RuntimeError(f"transformers.masking_utils.{builder} is our pass-through but its original is unknown")
+        raise RuntimeError(
+            f"transformers.masking_utils.{builder} is our pass-through but its original is unknown"
+        )
     return live
 
 
 _SIGNATURES: dict[str, inspect.Signature] = {}
 create_causal_mask = _make_passthrough("create_causal_mask")
 create_sliding_window_causal_mask = _make_passthrough("create_sliding_window_causal_mask")
-_PASSTHROUGHS = {"create_causal_mask": create_causal_mask, "create_sliding_window_causal_mask": create_sliding_window_causal_mask}
+_PASSTHROUGHS = {
+    "create_causal_mask": create_causal_mask,
+    "create_sliding_window_causal_mask": create_sliding_window_causal_mask,
+}
 for _name, _fn in _PASSTHROUGHS.items():
     _fn.__doc__ = (
         f"Packing-aware `{_name}`: indexed packing masks become per-document masks (sdpa/eager/flex) or "
@@ -171,11 +178,13 @@ def _unpad_contract(live: Any) -> None:
     require_result(
         what,
         result,
-        lambda r: isinstance(r, tuple)
-        and len(r) == 3
-        and r[0].tolist() == [0, 1, 3, 4, 5]
-        and r[1].tolist() == [0, 2, 5]
-        and int(r[2]) == 3,
+        lambda r: (
+            isinstance(r, tuple)
+            and len(r) == 3
+            and r[0].tolist() == [0, 1, 3, 4, 5]
+            and r[1].tolist() == [0, 2, 5]
+            and int(r[2]) == 3
+        ),
         "(indices [0, 1, 3, 4, 5], cu_seqlens [0, 2, 5], max_seqlen 3)",
     )
 

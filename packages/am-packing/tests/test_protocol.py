@@ -1,0 +1,166 @@
+"""The patch protocol for every public patcher: configure_packing and register_varlen_attention."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import am_packing
+from am_packing import (
+    configure_packing,
+    register_varlen_attention,
+    unconfigure_packing,
+    unregister_varlen_attention,
+)
+
+
+def _targets():
+    import transformers
+    import transformers.masking_utils as masking
+    import transformers.modeling_flash_attention_utils as flash_utils
+    import transformers.models.llama.modeling_llama as llama
+
+    return {
+        "masking": masking,
+        "flash": flash_utils,
+        "llama": llama,
+        "attn": transformers.AttentionInterface._global_mapping,
+        "mask_iface": masking.AttentionMaskInterface._global_mapping,
+    }
+
+
+def _state(targets):
+    return {k: dict(vars(v)) if not isinstance(v, dict) else dict(v) for k, v in targets.items()}
+
+
+def _assert_identical(before, after):
+    for key in before:
+        assert before[key].keys() == after[key].keys(), key
+        for name, value in before[key].items():
+            assert after[key][name] is value, f"{key}.{name} not restored"
+
+
+PATCHERS = {
+    "configure_packing": (lambda: configure_packing("sdpa"), unconfigure_packing),
+    "register_varlen_attention": (register_varlen_attention, unregister_varlen_attention),
+}
+
+
+@pytest.mark.parametrize("name", PATCHERS)
+def test_apply_twice_equals_once_and_revert_restores_identity(name):
+    apply, undo = PATCHERS[name]
+    targets = _targets()
+    before = _state(targets)
+    first = apply()
+    once = _state(targets)
+    second = apply()
+    assert second is first
+    _assert_identical(once, _state(targets))
+    undo()
+    _assert_identical(before, _state(targets))
+    undo()  # undo without apply is a no-op
+    _assert_identical(before, _state(targets))
+
+
+@pytest.mark.parametrize("name", PATCHERS)
+def test_handle_is_a_context_manager(name):
+    apply, _ = PATCHERS[name]
+    targets = _targets()
+    before = _state(targets)
+    with apply() as handle:
+        assert handle.applied
+    _assert_identical(before, _state(targets))
+
+
+def test_revert_of_foreign_repatch_raises():
+    import transformers.masking_utils as masking
+
+    def foreign(*args, **kwargs):
+        raise AssertionError("never called")
+
+    configure_packing("sdpa")
+    ours = masking.create_causal_mask
+    masking.create_causal_mask = foreign
+    try:
+        with pytest.raises(RuntimeError, match="something else was patched over it"):
+            unconfigure_packing()
+    finally:
+        masking.create_causal_mask = ours
+        unconfigure_packing()
+
+
+def test_revert_of_foreign_registry_entry_raises():
+    mapping = _targets()["attn"]
+    register_varlen_attention()
+    ours = mapping["torch_varlen"]
+    mapping["torch_varlen"] = lambda *a, **k: None
+    try:
+        with pytest.raises(RuntimeError, match="something else was patched over it"):
+            unregister_varlen_attention()
+    finally:
+        mapping["torch_varlen"] = ours
+        unregister_varlen_attention()
+
+
+def test_contract_drift_of_mask_builder_raises(monkeypatch):
+    import transformers
+    import transformers.masking_utils as masking
+
+    def create_causal_mask(config, inputs_embeds, attention_mask):  # lost and_mask_function
+        return None
+
+    monkeypatch.setattr(masking, "create_causal_mask", create_causal_mask)
+    with pytest.raises(RuntimeError, match=r"masking_utils\.create_causal_mask.*and_mask_function") as err:
+        configure_packing("sdpa")
+    assert transformers.__version__ in str(err.value)
+    assert am_packing.patches._ACTIVE is None
+
+
+def test_contract_drift_of_unpad_data_raises(monkeypatch):
+    import transformers
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    monkeypatch.setattr(
+        flash_utils, "_get_unpad_data", lambda attention_mask: (attention_mask, attention_mask)
+    )
+    with pytest.raises(RuntimeError, match="_get_unpad_data") as err:
+        configure_packing("flash_attention_2")
+    assert transformers.__version__ in str(err.value)
+    # all-or-nothing: the mask builders patched before the failure were rolled back (checked by conftest)
+
+
+def test_contract_drift_of_attention_registry_raises(monkeypatch):
+    import transformers
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "sdpa", lambda x: x)
+    with pytest.raises(RuntimeError, match=r"sdpa|query") as err:
+        register_varlen_attention()
+    assert transformers.__version__ in str(err.value)
+
+
+def test_every_patched_object_is_marked():
+    from am_packing._patch import patch_name
+
+    with configure_packing("sdpa") as handle:
+        for patch in handle:
+            assert patch_name(
+                patch.replacement,
+            ).startswith("am_packing.")
+    with register_varlen_attention() as handle:
+        for patch in handle:
+            assert patch_name(patch.replacement).startswith("am_packing.")
+
+
+def test_import_patches_nothing_and_needs_no_extra():
+    code = (
+        "import sys; import am_packing; "
+        "assert 'transformers' not in sys.modules, 'import pulled transformers'; "
+        "assert 'flash_attn' not in sys.modules; "
+        "import torch; assert not torch.cuda.is_initialized()"
+    )
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert torch is not None
