@@ -46,8 +46,18 @@ def _environment() -> dict[str, str]:
 
 def _run(name: str, out: Path, smoke: bool, timeout: int) -> dict:
     if name in MULTI_GPU:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", f"benchmarks.{name}", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            f"benchmarks.{name}",
+            "--out",
+            str(out),
+        ]
     else:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)]
     if smoke:

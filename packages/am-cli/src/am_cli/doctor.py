@@ -54,8 +54,14 @@ def shrink_config(config: Any) -> Any:
     new_heads = 4
     new_kv = max(1, new_heads // max(1, heads // kv))
     layers = min(getattr(text, "num_hidden_layers", 4), 4)
-    updates = dict(num_attention_heads=new_heads, num_key_value_heads=new_kv, hidden_size=64, head_dim=16,
-                   intermediate_size=128, num_hidden_layers=layers)
+    updates = dict(
+        num_attention_heads=new_heads,
+        num_key_value_heads=new_kv,
+        hidden_size=64,
+        head_dim=16,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+    )
     if getattr(text, "vocab_size", 0) and text.vocab_size > 512:
         updates["vocab_size"] = 512
     for key, value in updates.items():
@@ -80,7 +86,7 @@ def build_report(spec: str, *, stages: int = 2, console: Console | None = None) 
     steps: list[tuple[str, Callable[[], Section]]] = [
         ("versions and optional kernels", environment.check_environment),
         ("attention backend resolution", lambda: attention.check_selection(config)),
-        ("TE attention injection plan", lambda: attention.check_te_plan(numeric_config)),
+        ("TE attention injection plan", lambda: attention.check_te_plan(config)),
         ("packed vs unpacked logits per backend", lambda: packing.check_packing(numeric_config)),
         ("fp32 parameters after a bf16 cast", lambda: precision.check_fp32_cast(config)),
         ("pipeline-parallel compatibility", lambda: pipelining.check_pipeline(config, stages)),

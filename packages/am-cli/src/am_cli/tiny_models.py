@@ -97,8 +97,17 @@ def _qwen2_vl() -> Any:
     text.pop("head_dim")
     return Qwen2VLConfig(
         text_config=text,
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=HIDDEN, num_heads=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, mlp_ratio=2),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=HIDDEN,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            mlp_ratio=2,
+        ),
         image_token_id=VOCAB - 3,
         video_token_id=VOCAB - 4,
         vision_start_token_id=VOCAB - 5,
@@ -112,8 +121,16 @@ def _mistral3() -> Any:
 
     return Mistral3Config(
         text_config=dict(model_type="mistral", **_text_kwargs(sliding_window=None)),
-        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, head_dim=16, image_size=32, patch_size=8),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=32,
+            patch_size=8,
+        ),
         image_token_index=VOCAB - 3,
         spatial_merge_size=2,
         vision_feature_layer=-1,

@@ -6,6 +6,7 @@ import importlib.util
 from typing import Any
 
 import torch
+
 from am_attention import (
     PACKED_SEQUENCE_BACKENDS,
     apply_preload_overrides,
@@ -42,7 +43,9 @@ def resolve(impl: str, packed: bool) -> tuple[str, str]:
     reasons = [] if chosen == impl else [f"{impl} cannot pack exactly → {chosen}"]
     runnable, why = _runnable(chosen)
     while not runnable:
-        fallback = next_fallback_attn(chosen) if chosen in ("flash_attention_2", "flash_attention_3") else "sdpa"
+        fallback = (
+            next_fallback_attn(chosen) if chosen in ("flash_attention_2", "flash_attention_3") else "sdpa"
+        )
         reasons.append(f"{why} → {fallback}")
         chosen = fallback
         runnable, why = _runnable(chosen)
@@ -62,18 +65,28 @@ def check_selection(config: Any) -> Section:
         packed, why_packed = resolve(impl, packed=True)
         ok = packed in PACKED_SEQUENCE_BACKENDS
         why = why_plain if why_plain == why_packed else f"plain: {why_plain}; packed: {why_packed}"
-        section.add(PASS if ok else FAIL, requested=impl, **{"plain batch": plain, "packed batch": packed}, why=why)
-    section.notes.append(f"packed batches stay on any backend am-packing makes exact: {', '.join(PACKED_SEQUENCE_BACKENDS)}")
+        section.add(
+            PASS if ok else FAIL, requested=impl, **{"plain batch": plain, "packed batch": packed}, why=why
+        )
+    section.notes.append(
+        f"packed batches stay on any backend am-packing makes exact: {', '.join(PACKED_SEQUENCE_BACKENDS)}"
+    )
     return section
 
 
 def check_te_plan(config: Any) -> Section:
-    section = Section("te_attention", "Transformer Engine attention injection plan", ["module", "taken", "reason"])
+    section = Section(
+        "te_attention", "Transformer Engine attention injection plan", ["module", "taken", "reason"]
+    )
     plan = plan_te_attention(meta_model(config))
     if not plan:
         section.add(FAIL, module="(none)", taken=False, reason="no attention module found")
     for name, taken, reason in plan:
-        section.add(PASS if taken else INFO, module=name, taken="yes" if taken else "falls back", reason=reason)
+        section.add(
+            PASS if taken else INFO, module=name, taken="yes" if taken else "falls back", reason=reason
+        )
     taken = sum(1 for _, t, _ in plan if t)
-    section.notes.append(f"{taken} of {len(plan)} attention layers would run TE; the rest keep the original SDPA")
+    section.notes.append(
+        f"{taken} of {len(plan)} attention layers would run TE; the rest keep the original SDPA"
+    )
     return section

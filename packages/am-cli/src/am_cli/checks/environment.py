@@ -29,8 +29,12 @@ def _version(distribution: str) -> str | None:
 def check_environment() -> Section:
     import transformers
 
-    section = Section("environment", "Installed versions and optional kernels", ["component", "version", "detail"])
-    section.add(INFO, component="python", version=platform.python_version(), detail=platform.platform(terse=True))
+    section = Section(
+        "environment", "Installed versions and optional kernels", ["component", "version", "detail"]
+    )
+    section.add(
+        INFO, component="python", version=platform.python_version(), detail=platform.platform(terse=True)
+    )
     section.add(INFO, component="torch", version=torch.__version__, detail="")
     section.add(INFO, component="transformers", version=transformers.__version__, detail="")
     for name in PACKAGES:
@@ -49,5 +53,7 @@ def check_environment() -> Section:
         detail = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
         section.add(INFO, component="CUDA", version=torch.version.cuda, detail=detail)
     else:
-        section.add(INFO, component="CUDA", version="not available", detail="CPU only: GPU kernels are not run")
+        section.add(
+            INFO, component="CUDA", version="not available", detail="CPU only: GPU kernels are not run"
+        )
     return section

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from am_kernels import HAS_LIGER_KERNEL, get_patch_report, patch_liger_kernel, supported_model_types, unpatch_liger_kernel
+
+from am_kernels import (
+    HAS_LIGER_KERNEL,
+    get_patch_report,
+    patch_liger_kernel,
+    supported_model_types,
+    unpatch_liger_kernel,
+)
 
 from ..report import INFO, PASS, SKIP, Section
 from ._models import real_model
@@ -29,5 +36,7 @@ def check_liger(config: Any) -> Section:
     finally:
         unpatch_liger_kernel(model)
     if not torch.cuda.is_available():
-        section.notes.append("Liger's Triton kernels execute on CUDA only; on CPU the patch is applied and reverted")
+        section.notes.append(
+            "Liger's Triton kernels execute on CUDA only; on CPU the patch is applied and reverted"
+        )
     return section

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from am_packing import configure_packing, pack_sequences, register_varlen_attention, unconfigure_packing
 
 from ..report import FAIL, PASS, SKIP, Section

@@ -21,8 +21,9 @@ def _summarise(names: list[str]) -> str:
 
 
 def check_pipeline(config: Any, stages: int) -> Section:
-    section = Section("pipelining", f"Pipeline-parallel compatibility and the {stages}-stage split",
-                      ["stage", "owns"])
+    section = Section(
+        "pipelining", f"Pipeline-parallel compatibility and the {stages}-stage split", ["stage", "owns"]
+    )
     model = meta_model(config)
     problems = get_pipeline_problems(model, num_stages=stages)
     if problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from am_precision import cast_model_to_dtype, get_fp32_module_keywords
 
 from ..report import FAIL, INFO, PASS, Section
@@ -25,10 +26,16 @@ def check_fp32_cast(config: Any) -> Section:
     for name, dtype in kept:
         section.add(PASS, parameter=name, dtype=str(dtype).replace("torch.", ""), rule=", ".join(keywords))
     if not kept:
-        section.add(INFO, parameter="(none)", dtype="—", rule=f"{type(model).__name__} declares no fp32 modules")
+        section.add(
+            INFO, parameter="(none)", dtype="—", rule=f"{type(model).__name__} declares no fp32 modules"
+        )
     wrong = others - {torch.bfloat16}
     status = FAIL if wrong else PASS
-    section.add(status, parameter="all others", dtype=", ".join(sorted(str(d).replace("torch.", "") for d in others)),
-                rule="cast to bfloat16")
+    section.add(
+        status,
+        parameter="all others",
+        dtype=", ".join(sorted(str(d).replace("torch.", "") for d in others)),
+        rule="cast to bfloat16",
+    )
     section.notes.append(f"_keep_in_fp32_modules keywords: {keywords or 'none'}")
     return section
