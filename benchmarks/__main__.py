@@ -72,6 +72,59 @@ def _run(name: str, out: Path, smoke: bool, timeout: int) -> dict:
     return json.loads(out.read_text())
 
 
+# (benchmark, path into its JSON, what it measures, goal, True when higher is better)
+GOALS = (
+    (
+        "packing",
+        ("speedup_varlen_vs_padded",),
+        "training tokens/s, packed torch varlen / padded SDPA",
+        2.5,
+        True,
+    ),
+    ("packing", ("speedup_flex_vs_padded",), "training tokens/s, packed flex / padded SDPA", 2.5, True),
+    ("packing", ("cu_seqlens_speedup",), "cu_seqlens prep, seed loop time / ours", 3.0, True),
+    (
+        "packing",
+        ("varlen_attention_fwd_bwd_tflops",),
+        "varlen attention useful TFLOP/s (fwd+bwd)",
+        150.0,
+        True,
+    ),
+    ("packing", ("attention_host_syncs_per_layer",), "host syncs per layer in the attention path", 0, False),
+    ("attention", ("causal", "ratio"), "TE injection / direct kernel call, causal bshd", 1.03, False),
+    ("attention", ("mask4d", "ratio"), "TE injection / direct kernel call, canonical 4D mask", 1.03, False),
+    ("attention", ("thd", "ratio"), "TE injection / direct kernel call, packed THD", 1.03, False),
+    ("precision", ("speedup_vs_eager_fp32",), "compiled fp32 RMSNorm fwd+bwd speedup vs eager", 1.5, True),
+    ("liger", ("ratios", "peak_step_ratio"), "Liger peak step memory / unpatched", 0.5, False),
+    ("liger", ("ratios", "step_time_ratio"), "Liger step time / unpatched", 1.05, False),
+    ("pipelining", ("efficiency_gpipe",), "pipeline efficiency T1 / (2 x T2), GPipe, 2 GPUs", 0.75, True),
+    ("pipelining", ("efficiency_1f1b",), "pipeline efficiency T1 / (2 x T2), 1F1B, 2 GPUs", 0.75, True),
+)
+
+
+def _dig(numbers: dict, path: tuple[str, ...]) -> object:
+    for key in path:
+        if not isinstance(numbers, dict) or key not in numbers:
+            return None
+        numbers = numbers[key]
+    return numbers
+
+
+def _summary(results_dir: Path) -> list[str]:
+    lines = ["| benchmark | measure | result | goal | met |", "|---|---|---|---|---|"]
+    for name, path, what, goal, higher in GOALS:
+        file = results_dir / f"{name}.json"
+        value = _dig(json.loads(file.read_text()), path) if file.exists() else None
+        if not isinstance(value, (int, float)):
+            lines.append(f"| {name} | {what} | not measured | {'≥' if higher else '≤'} {goal} | — |")
+            continue
+        met = value >= goal if higher else value <= goal
+        lines.append(
+            f"| {name} | {what} | {value:.3g} | {'≥' if higher else '≤'} {goal} | {'yes' if met else 'NO'} |"
+        )
+    return lines
+
+
 def _markdown(results_dir: Path) -> str:
     """RESULTS.md from every results/<name>.json, each with the machine it ran on."""
     lines = [
@@ -80,6 +133,8 @@ def _markdown(results_dir: Path) -> str:
         "Written by `python -m benchmarks` from `benchmarks/results/*.json`. Each benchmark measures ours and",
         "its baseline side by side in the same process; ratios are what to read, absolute times only describe",
         "the machine named under each benchmark.",
+        "",
+        *_summary(results_dir),
         "",
     ]
     for path in sorted(results_dir.glob("*.json")):

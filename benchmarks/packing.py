@@ -92,7 +92,7 @@ def main() -> None:
         pack_sequences,
         register_varlen_attention,
     )
-    from am_packing._patch import ItemPatch
+    from am_packing._patch import ItemPatch, PatchSet
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -176,7 +176,9 @@ def main() -> None:
 
             import transformers
 
-            with ItemPatch(transformers.AttentionInterface._global_mapping, "torch_varlen", checked):
+            with PatchSet(
+                [ItemPatch(transformers.AttentionInterface._global_mapping, "torch_varlen", checked)]
+            ):
                 try:
                     model(**packed_batches[0]).loss.backward()
                     results["attention_host_syncs_per_layer"] = 0

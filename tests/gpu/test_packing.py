@@ -122,7 +122,7 @@ def test_varlen_attention_has_no_host_sync_per_layer():
     import transformers
 
     from am_packing import backends, pack_sequences, register_varlen_attention
-    from am_packing._patch import ItemPatch
+    from am_packing._patch import ItemPatch, PatchSet
 
     def checked(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
@@ -137,7 +137,7 @@ def test_varlen_attention_has_no_host_sync_per_layer():
     }
     with register_varlen_attention():
         model = _model("torch_varlen", "llama")
-        with ItemPatch(transformers.AttentionInterface._global_mapping, "torch_varlen", checked):
+        with PatchSet([ItemPatch(transformers.AttentionInterface._global_mapping, "torch_varlen", checked)]):
             model(
                 **{k: v for k, v in batch.items() if k != "attention_mask"}, use_cache=False
             ).loss.backward()

@@ -152,10 +152,12 @@ def te_attention_forward(
         stats.count("fallback_mask")
         return _fallback(*args)
     stats.count("te_hits")
+    # TE's fused kernels read q/k/v through their bshd strides as if contiguous: hand them dense tensors
+    # (transformers' [B, H, S, D] transposed views and repeat_kv's strided undo are not).
     out = kernel(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
+        query.transpose(1, 2).contiguous(),
+        key.transpose(1, 2).contiguous(),
+        value.transpose(1, 2).contiguous(),
         qkv_format="bshd",
         attn_mask_type=mask_type,
         window_size=params.window_size if mask_type == "causal" else (-1, -1),
@@ -173,6 +175,7 @@ def _run_thd(kernel, params, query, key, value, packed: PackedInfo, causal: bool
     v = value.transpose(1, 2).reshape(batch * seq, kv_heads, value.shape[-1])
     if packed.indices is not None:
         q, k, v = (t.index_select(0, packed.indices) for t in (q, k, v))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = kernel(
         q,
         k,
