@@ -1,5 +1,7 @@
+import copy
 import dataclasses
 import sys
+import types
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from am_kernels import (
     supported_model_types,
     unpatch_liger_kernel,
 )
+from am_kernels._patch import patch_name
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]
 IDS = (torch.arange(32).reshape(2, 16) * 7) % 128
@@ -209,3 +212,83 @@ def test_base_model_without_head(torch_ops, kit):
     assert model.norm._get_name() == "LigerRMSNorm"
     unpatch_liger_kernel(model)
     assert "forward" not in vars(model.norm)
+
+
+@pytest.mark.parametrize("loss", ["fused_linear_cross_entropy", "cross_entropy"])
+def test_deepcopy_of_patched_model_computes_with_its_own_modules(tiny, torch_ops, kit, loss):
+    # Pipeline splitting deep-copies a patched model: every copy must run on its own weights.
+    model = tiny("llama")
+    pristine_keys = {path: state.keys() for path, state in kit.instance_state(model).items()}
+    options = {
+        "fused_linear_cross_entropy": loss == "fused_linear_cross_entropy",
+        "cross_entropy": loss == "cross_entropy",
+    }
+    patch_liger_kernel(model, ops=torch_ops, **options)
+    try:
+        clone = copy.deepcopy(model)
+        originals = {id(m) for m in model.modules()}
+        bound = 0
+        for path, module in clone.named_modules():
+            for attr, value in vars(module).items():
+                if patch_name(value) is None:
+                    continue
+                func = value
+                if attr in ("forward", "_get_name"):
+                    assert isinstance(value, types.MethodType) and value.__self__ is module, (path, attr)
+                    func, bound = value.__func__, bound + 1
+                cells = [c.cell_contents for c in getattr(func, "__closure__", None) or ()]
+                assert not [c for c in cells if id(c) in originals], (path, attr)
+        # 5 norms + 2 MLPs + 2 attentions, forward and _get_name each, plus the head's.
+        assert bound == 2 * 9 + (2 if loss == "fused_linear_cross_entropy" else 1)
+
+        # Different weights in the copy, so computing with the original's would change every number.
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in clone.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        ref = kit.build_tiny("llama")
+        ref.load_state_dict(clone.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(clone(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+        clone.train(), ref.train()
+        out, expected = clone(IDS, labels=IDS), ref(IDS, labels=IDS)
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        out.loss.backward()
+        expected.loss.backward()
+        for (name, p), q in zip(clone.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert all(p.grad is None for p in model.parameters())
+
+        # The copy carries its own handle, whose patches target the copy's modules.
+        handle = get_liger_kernel_patch(clone)
+        assert handle is not None and handle is not get_liger_kernel_patch(model)
+        assert all(p.is_live() for p in handle.patches)
+        assert unpatch_liger_kernel(clone) is clone
+        assert {path: state.keys() for path, state in kit.instance_state(clone).items()} == pristine_keys
+        assert get_liger_kernel_patch(clone) is None and "forward" not in vars(clone.model.norm)
+        assert get_liger_kernel_patch(model) is not None  # the original stays patched
+        assert model.model.norm.forward.__self__ is model.model.norm
+    finally:
+        unpatch_liger_kernel(model)
+
+
+def test_patch_over_a_foreign_forward_wrapper_keeps_its_signature(tiny, torch_ops, kit):
+    from torch.nn.attention import SDPBackend
+
+    from am_kernels import patch_sdpa_backends, unpatch_sdpa_backends
+
+    model, ref = tiny("llama"), tiny("llama")
+    pristine = kit.instance_state(model)
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    wrapper = model.forward  # a closure, not a method: the replacement shows its signature explicitly
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        assert_same_signature(wrapper, model.forward)
+        assert model.forward.__self__ is model
+        with torch.no_grad():  # eval goes through the sdpa wrapper into transformers' forward
+            torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        unpatch_liger_kernel(model)
+    assert vars(model)["forward"] is wrapper
+    unpatch_sdpa_backends(model)
+    kit.assert_same_state(pristine, kit.instance_state(model))

@@ -110,3 +110,74 @@ def test_failure_midway_reverts_everything(tiny, torch_ops, kit, monkeypatch):
         patch_liger_kernel(model, ops=torch_ops)
     monkeypatch.undo()
     kit.assert_same_state(pristine, kit.instance_state(model))
+
+
+def _rope_with_position_ids(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    return q, k
+
+
+def _rope_other_default(q, k, cos, sin, unsqueeze_dim=2):
+    return q, k
+
+
+def _base_returning_tuple(self, input_ids=None, attention_mask=None, **kwargs) -> tuple:
+    return (None,)
+
+
+def _drift_rope(drifted):
+    def apply(monkeypatch):
+        from transformers.models.llama import modeling_llama
+
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", drifted)
+
+    return apply
+
+
+def _drift_base_output(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", _base_returning_tuple)
+
+
+def _drift_loss_property(value):
+    def apply(monkeypatch):
+        monkeypatch.setattr(transformers.PreTrainedModel, "loss_function", value)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("drift", "options", "qualname"),
+    [
+        (_drift_rope(_rope_with_position_ids), {}, "modeling_llama.apply_rotary_pos_emb"),
+        (_drift_rope(_rope_other_default), {}, "modeling_llama.apply_rotary_pos_emb"),
+        (_drift_base_output, {}, "LlamaModel.forward"),
+        (
+            _drift_loss_property(property(lambda self: _old_head)),
+            {"cross_entropy": True, "fused_linear_cross_entropy": False},
+            "PreTrainedModel.loss_function",
+        ),
+        (
+            _drift_loss_property(lambda self: _old_head),
+            {"cross_entropy": True, "fused_linear_cross_entropy": False},
+            "PreTrainedModel.loss_function",
+        ),
+    ],
+    ids=[
+        "rope-extra-parameter",
+        "rope-default",
+        "base-output",
+        "loss-property-ignores-instance",
+        "loss-not-property",
+    ],
+)
+def test_liger_contract_drift_raises_before_any_change(
+    tiny, torch_ops, monkeypatch, kit, drift, options, qualname
+):
+    model = tiny("llama")
+    pristine = kit.instance_state(model)
+    drift(monkeypatch)
+    with pytest.raises(RuntimeError, match=qualname) as info:
+        patch_liger_kernel(model, ops=torch_ops, **options)
+    assert transformers.__version__ in str(info.value)
+    kit.assert_same_state(pristine, kit.instance_state(model))

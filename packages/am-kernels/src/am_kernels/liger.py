@@ -86,21 +86,27 @@ def _resolve_plan(model: Any) -> tuple[str, LigerPlan]:
     )
 
 
-def _bound(func: Callable[..., Any], module: Any, name: str, original: Any) -> Callable[..., Any]:
+def _bound(func: Callable[..., Any], module: Any, name: str, original: Any) -> types.MethodType:
     """`func(self, ...)` bound to `module`, marked, showing the original's name, doc and signature.
 
-    The replacement is a closure with `__wrapped__ = original`, so it reports exactly the
-    signature of whatever `original` is (a bound class method, or another instance-level
-    wrapper such as `patch_sdpa_backends`'). `original=None` binds `func` as a method and keeps
-    its own metadata (the rope forward copy, which already is the class function).
+    Bound with `types.MethodType`, never closed over `module`: `copy.deepcopy` rebinds a bound
+    method to the copied module (`copy._deepcopy_method`), so a deep copy (a pipeline stage)
+    computes with its own weights. `func` must be a fresh function per call, since its marker
+    and metadata are set on it. The metadata come from the original's function when the
+    original is a method of `module` (the same for every copy); a foreign callable instead
+    gets an explicit `__signature__`. `original=None` keeps `func`'s own metadata (the rope
+    forward copy, which already is the class function).
     """
     if original is None:
         return types.MethodType(mark(func, name), module)
-
-    def replacement(*args: Any, **kwargs: Any) -> Any:
-        return func(module, *args, **kwargs)
-
-    return mark(replacement, name, wrapped=original)
+    own_method = isinstance(original, types.MethodType) and original.__self__ is module
+    mark(func, name, wrapped=original.__func__ if own_method else original)
+    if not own_method:
+        # `self` is positional-only so it stays valid before any parameter kind; binding drops it.
+        sig = inspect.signature(original)
+        bound_self = inspect.Parameter("_am_self", inspect.Parameter.POSITIONAL_ONLY)
+        func.__signature__ = sig.replace(parameters=[bound_self, *sig.parameters.values()])  # type: ignore[attr-defined]
+    return types.MethodType(func, module)
 
 
 def _name_patch(module: Any, shown_as: str, name: str) -> Patch:
@@ -166,6 +172,28 @@ def _mlp_patches(module: Any, plan: LigerPlan, ops: LigerOps, config: Any) -> li
     return [_forward_patch(module, func, name), _name_patch(module, _SHOWN_AS[plan.mlp_kind], name)]
 
 
+# Our rope replacement is `(q, k, cos, sin, unsqueeze_dim=1)`; the attention forward calls it positionally.
+_ROPE_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")
+
+
+def _check_rope_signature(hf_rope: Any, what: str) -> None:
+    try:
+        sig = inspect.signature(hf_rope)
+    except (TypeError, ValueError) as exc:
+        raise contract_error(what, f"its signature cannot be read ({exc})") from exc
+    params = list(sig.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if (
+        tuple(p.name for p in params) != _ROPE_PARAMETERS
+        or any(p.kind not in positional for p in params)
+        or any(p.default is not inspect.Parameter.empty for p in params[:4])
+        or params[4].default != 1
+    ):
+        raise contract_error(
+            what, f"expected the positional parameters (q, k, cos, sin, unsqueeze_dim=1), found {sig}"
+        )
+
+
 def _rope_patches(module: Any, plan: LigerPlan, ops: LigerOps) -> list[Patch]:
     cls_forward = type(module).forward
     what = f"{type(module).__module__}.{type(module).__qualname__}.forward"
@@ -176,11 +204,59 @@ def _rope_patches(module: Any, plan: LigerPlan, ops: LigerOps) -> list[Patch]:
     hf_rope = cls_forward.__globals__.get(plan.rope_function)
     if hf_rope is None:
         raise contract_error(what, f"{plan.rope_function} is not defined in {type(module).__module__}")
+    _check_rope_signature(hf_rope, f"{type(module).__module__}.{plan.rope_function}")
     rope = mark(liger_rope(ops), _NAMES["rope"], wrapped=hf_rope)
     func = with_global(cls_forward, plan.rope_function, rope)
     name = _NAMES["rope"]
     shown_as = f"{type(module).__name__}+LigerRope"
     return [_forward_patch(module, func, name, wrap=False), _name_patch(module, shown_as, name)]
+
+
+# Fields of the base model's output that the fused path reads.
+_BASE_OUTPUT_FIELDS = ("last_hidden_state", "past_key_values", "hidden_states", "attentions")
+
+
+def _check_base_model_output(base: Any) -> None:
+    """The fused path reads `last_hidden_state` (and the cache/hidden/attention fields) of the base model."""
+    what = f"{type(base).__module__}.{type(base).__qualname__}.forward"
+    try:
+        annotation = inspect.signature(base.forward).return_annotation
+    except (TypeError, ValueError) as exc:
+        raise contract_error(what, f"its signature cannot be read ({exc})") from exc
+    if isinstance(annotation, str):  # postponed annotations: resolve the plain name in the defining module
+        annotation = getattr(inspect.unwrap(type(base).forward), "__globals__", {}).get(
+            annotation, annotation
+        )
+    fields = getattr(annotation, "__dataclass_fields__", None) if isinstance(annotation, type) else None
+    missing = [f for f in _BASE_OUTPUT_FIELDS if fields is None or f not in fields]
+    if missing:
+        raise contract_error(
+            what,
+            f"expected it to return a model output with {list(_BASE_OUTPUT_FIELDS)}, annotated {annotation!r}",
+        )
+
+
+def _check_loss_function_property(model: Any) -> None:
+    """`loss_function` must be a property returning the instance's `_loss_function` when there is one."""
+    owner = next((c for c in type(model).__mro__ if "loss_function" in vars(c)), None)
+    if owner is None:
+        raise contract_error(f"{type(model).__qualname__}.loss_function", "the attribute no longer exists")
+    what = f"{owner.__module__}.{owner.__qualname__}.loss_function"
+    prop = vars(owner)["loss_function"]
+    if not isinstance(prop, property) or prop.fget is None:
+        raise contract_error(what, f"expected a property reading self._loss_function, found {prop!r}")
+    # Probe on a bare instance of the same class (no __init__, nothing patched): it must return ours.
+    probe = object.__new__(type(model))
+    sentinel = object()
+    vars(probe)["_loss_function"] = sentinel
+    try:
+        result = prop.fget(probe)
+    except Exception as exc:
+        raise contract_error(what, f"probing it with an instance _loss_function failed ({exc!r})") from exc
+    if result is not sentinel:
+        raise contract_error(
+            what, f"it no longer returns the instance's _loss_function (returned {result!r})"
+        )
 
 
 def _causal_lm_patches(model: Any, plan: LigerPlan, ops: LigerOps, *, fused: bool) -> list[Patch]:
@@ -198,7 +274,8 @@ def _causal_lm_patches(model: Any, plan: LigerPlan, ops: LigerOps, *, fused: boo
             raise contract_error(what, "fused linear cross entropy needs a bias-free lm_head")
         if not hasattr(model, model.base_model_prefix):
             raise contract_error(what, f"the base model attribute {model.base_model_prefix!r} is missing")
-        func = fused_linear_ce_forward(model.forward, ops, softcap_attr=plan.softcap_attr)
+        _check_base_model_output(getattr(model, model.base_model_prefix))
+        func = fused_linear_ce_forward(model.forward, model, ops, softcap_attr=plan.softcap_attr)
         name = _NAMES["fused_linear_cross_entropy"]
         return [
             _forward_patch(model, func, name),
@@ -209,6 +286,7 @@ def _causal_lm_patches(model: Any, plan: LigerPlan, ops: LigerOps, *, fused: boo
             f"cross_entropy=True is not exact for {type(model).__name__}: its logits are soft-capped "
             f"(config.{plan.softcap_attr}); use fused_linear_cross_entropy=True"
         )
+    _check_loss_function_property(model)
     name = _NAMES["cross_entropy"]
     loss = mark(cross_entropy_loss(ops), name)
     # `loss_function` is a property reading `self._loss_function` first: a per-instance override.

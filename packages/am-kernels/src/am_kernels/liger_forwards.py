@@ -54,17 +54,37 @@ def load_liger_ops() -> LigerOps:
 
 
 def _single_input(original: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-    """Extract the one tensor argument of a one-input forward, positional or by its own name."""
-    params = list(inspect.signature(original).parameters.values())
-    name = params[0].name
+    """Extract the one tensor argument of a one-input forward, positional or by its own name.
+
+    Only the signature is kept, never `original` itself: a bound original would tie the
+    replacement to the module it was read from, which is wrong on a deep copy of that module.
+    """
+    sig = inspect.signature(original)
+    name = next(iter(sig.parameters))
 
     def take(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args and not kwargs:
             (value,) = args
             return value
-        return inspect.signature(original).bind(*args, **kwargs).arguments[name]
+        return sig.bind(*args, **kwargs).arguments[name]
 
     return take
+
+
+def rebindable(original: Callable[..., Any], module: Any) -> Callable[..., Any]:
+    """`original` as a function of `self`, so that a copy of `module` calls its own original forward.
+
+    A method bound to `module` (the class forward, or an instance-level replacement bound with
+    `types.MethodType`) is called through its `__func__` with whatever `self` the caller has.
+    Any other callable (a foreign closure) cannot be rebound and is called as it is.
+    """
+    if isinstance(original, types.MethodType) and original.__self__ is module:
+        return original.__func__
+
+    def call_as_is(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)
+
+    return call_as_is
 
 
 def rms_norm_forward(
@@ -152,25 +172,26 @@ CAUSAL_LM_PARAMETERS = ("input_ids", "labels", "logits_to_keep")
 
 
 def fused_linear_ce_forward(
-    original: Callable[..., Any], ops: LigerOps, *, softcap_attr: str | None
+    original: Callable[..., Any], module: Any, ops: LigerOps, *, softcap_attr: str | None
 ) -> Callable[..., Any]:
     """CausalLM forward that, when training with labels, skips the logits and fuses lm_head + CE.
 
-    Anything else (eval, generation, no labels) calls the original forward unchanged, so the
-    inference path is exactly transformers' own.
+    Anything else (eval, generation, no labels) calls the original forward unchanged (on `self`,
+    see `rebindable`), so the inference path is exactly transformers' own.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     sig = inspect.signature(original)
     var_kw = next(p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
     own = ("labels", "logits_to_keep", var_kw)
+    call_original = rebindable(original, module)
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = sig.bind(*args, **kwargs).arguments
         extra = dict(arguments.get(var_kw, {}))
         labels = arguments.get("labels")
         if not (self.training and (labels is not None or extra.get("shift_labels") is not None)):
-            return original(*args, **kwargs)
+            return call_original(self, *args, **kwargs)
         return_dict = extra.pop("return_dict", None)
         shift_labels = extra.pop("shift_labels", None)
         base_inputs = {k: v for k, v in arguments.items() if k not in own}
