@@ -13,7 +13,17 @@ from am_pipelining import (
 )
 from am_pipelining._contract import transformers_version
 
-ARCHS = ["llama", "qwen3", "qwen2_sliding", "mistral", "gemma3", "mistral3", "gemma4", "gemma4_vlm"]
+ARCHS = [
+    "llama",
+    "qwen3",
+    "qwen2_sliding",
+    "mistral",
+    "gemma3",
+    "mistral3",
+    "qwen2_vl",
+    "gemma4",
+    "gemma4_vlm",
+]
 ATOL = 1e-5  # fp32: the stages run exactly the unsplit model's ops, only the call path differs
 
 
@@ -114,3 +124,51 @@ def test_gemma4_forwards_say_transformers_lacks_gemma4():
     for factory in (create_pipeline_forward_gemma4_text, create_pipeline_forward_gemma4_vlm):
         with pytest.raises(ImportError, match=transformers_version()):
             factory()
+
+
+def _qwen2_vl_positions(kind: str, batch: int, seq: int) -> torch.Tensor:
+    text = torch.arange(seq).expand(batch, -1) + 3  # offset: the rotary must really read them
+    if kind == "2d":
+        return text
+    if kind == "3d":
+        return text[None].expand(3, -1, -1)
+    # [4, B, S]: transformers' packed layout, text row first; two documents per row (6 + 6 tokens)
+    packed = torch.cat([torch.arange(seq // 2), torch.arange(seq - seq // 2)]).expand(batch, -1)
+    return packed[None].expand(4, -1, -1)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d", "4d_packed"])
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_qwen2_vl_stages_take_2d_and_3d_positions(kind, num_stages):
+    # Qwen2-VL's rotary wants [3, B, S] mrope positions (on transformers 5.3/5.5 it indexes them so),
+    # while the mask builders want [B, S] text positions; the stage forward gives each its own.
+    model = tm.build("qwen2_vl")
+    ids, _ = _inputs("qwen2_vl")
+    positions = _qwen2_vl_positions(kind, *ids.shape)
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        out = _chain(split_model_into_stages(model, num_stages), ids, {}, position_ids=positions)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    if kind == "4d_packed":
+        # the packed text row gives per-document masks: the second document ignores the first
+        with torch.no_grad():
+            doc2 = model(input_ids=ids[:, 6:], use_cache=False).logits
+        torch.testing.assert_close(out[:, 6:], doc2, atol=ATOL, rtol=0)
+
+
+def test_qwen2_vl_text_only_3d_packed_positions_mask_per_document():
+    # Three identical rows are text-only positions: the masks use them, so packing works as with 2D.
+    model = tm.build("qwen2_vl")
+    ids, _ = _inputs("qwen2_vl")
+    packed = torch.cat([torch.arange(6), torch.arange(6)]).expand(2, -1)
+    stages = split_model_into_stages(model, 2)
+    with torch.no_grad():
+        out = _chain(stages, ids, {}, position_ids=packed[None].expand(3, -1, -1))
+        doc2 = model(input_ids=ids[:, 6:], use_cache=False).logits
+    torch.testing.assert_close(out[:, 6:], doc2, atol=ATOL, rtol=0)
+
+
+def test_3d_positions_rejected_for_non_mrope_models():
+    stage = split_model_into_stages(tm.build("llama"), 2)[0]
+    with pytest.raises(ValueError, match=r"\[3, batch, seq\].*\(3, 2, 12\)"):
+        stage(torch.ones(2, 12, dtype=torch.long), position_ids=torch.arange(12).expand(3, 2, -1))

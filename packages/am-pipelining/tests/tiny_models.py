@@ -99,6 +99,22 @@ def build(name: str, *, seed: int = 0, layers: int = 4) -> torch.nn.Module:
         )
         cfg.image_token_id = IMAGE_TOKEN
         model = tf.Mistral3ForConditionalGeneration(cfg)
+    elif name == "qwen2_vl":
+        # mrope: head_dim 8 -> 4 rotary frequencies split over temporal/height/width rows.
+        text = _common(
+            num_hidden_layers=layers, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}
+        )
+        text.pop("head_dim")
+        cfg = tf.Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4),
+            image_token_id=VOCAB - 3,
+            video_token_id=VOCAB - 4,
+            vision_start_token_id=VOCAB - 5,
+            vision_end_token_id=VOCAB - 6,
+            tie_word_embeddings=False,
+        )
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
     else:
         raise ValueError(name)
     return model.eval()

@@ -67,6 +67,44 @@ def _accepts(fn: Callable, name: str) -> bool:
         return False
 
 
+def uses_mrope(config: Any) -> bool:
+    """True for multimodal rotary embeddings (Qwen2-VL style) that take `[3, B, S]` position ids."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, attr, None)
+        if isinstance(rope, dict) and "mrope_section" in rope:
+            return True
+    return False
+
+
+def split_mrope_positions(
+    config: Any, position_ids: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(text positions for masks and layers, positions for the rotary embedding).
+
+    2D `[B, S]` positions are the text positions; an mrope rotary gets them expanded to
+    `[3, B, S]`, as the transformers text model does before calling it. 3D positions are
+    `[3, B, S]` (temporal/height/width) or `[4, B, S]` with the text row first (transformers'
+    packed layout): the rotary gets the three mrope rows. With four rows the masks get the text
+    row; with three, the first row when all three agree (text-only input, so packing still
+    works), else None as in transformers: image tokens repeat temporal positions, which the
+    packed-sequence detection of the mask builders would read as one document per token.
+    """
+    if position_ids.ndim == 2:
+        if uses_mrope(config):
+            return position_ids, position_ids[None].expand(3, *position_ids.shape)
+        return position_ids, position_ids
+    if position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4) or not uses_mrope(config):
+        raise ValueError(
+            f"position_ids must be [batch, seq] (or, for mrope models, [3, batch, seq] / [4, batch, seq]); "
+            f"got shape {tuple(position_ids.shape)} for model_type {getattr(config, 'model_type', None)!r}"
+        )
+    if position_ids.shape[0] == 4:
+        return position_ids[0], position_ids[1:]
+    first = position_ids[0]
+    text = first if bool((position_ids == first).all()) else None
+    return text, position_ids
+
+
 def run_decoder_layers(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -82,6 +120,7 @@ def run_decoder_layers(
     config = module.config
     if position_ids is None:
         position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+    position_ids, rotary_position_ids = split_mrope_positions(config, position_ids)
     layers = owned_layers(module)
     types = {idx: layer_type_of(config, idx) for idx, _ in layers}
     needed = tuple(sorted(set(types.values())))
@@ -95,9 +134,9 @@ def run_decoder_layers(
     if rotary is not None and needed:
         if _accepts(type(rotary).forward, "layer_type"):
             for lt in needed:
-                position_embeddings[lt] = rotary(hidden_states, position_ids, lt)
+                position_embeddings[lt] = rotary(hidden_states, rotary_position_ids, lt)
         else:
-            shared = rotary(hidden_states, position_ids)
+            shared = rotary(hidden_states, rotary_position_ids)
             position_embeddings = dict.fromkeys(needed, shared)
 
     cache_position = None
