@@ -43,11 +43,8 @@ DEVICES = [
 ]
 
 
-def arch_params(names: Iterable[str] | None = None, *, pipelined: bool = False) -> list[Any]:
-    """Every built-in tiny architecture; those the installed transformers lacks are skipped, with the reason.
-
-    With `pipelined`, Qwen2-VL is a strict xfail where am_pipelining cannot run it (see above).
-    """
+def arch_params(names: Iterable[str] | None = None) -> list[Any]:
+    """Every built-in tiny architecture; those the installed transformers lacks are skipped, with the reason."""
     params = []
     for name in names if names is not None else TINY_ARCHS:
         arch = TINY_ARCHS[name]
@@ -58,31 +55,8 @@ def arch_params(names: Iterable[str] | None = None, *, pipelined: bool = False) 
                     reason=f"transformers {transformers.__version__} has no transformers.models.{arch.requires}"
                 )
             )
-        elif pipelined and name == "qwen2-vl" and qwen2_vl_rotary_needs_3d_positions():
-            marks.append(
-                pytest.mark.xfail(reason=QWEN2_VL_PIPELINE_XFAIL_REASON, raises=IndexError, strict=True)
-            )
         params.append(pytest.param(name, marks=marks, id=name))
     return params
-
-
-def qwen2_vl_rotary_needs_3d_positions() -> bool:
-    """True where Qwen2VLRotaryEmbedding indexes position_ids as [3, B, S] (transformers 5.3, 5.5)."""
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
-
-    rotary = modeling_qwen2_vl.Qwen2VLRotaryEmbedding(build_config("qwen2-vl").text_config)
-    try:
-        rotary(torch.zeros(1, 4, 8), torch.arange(4)[None])
-    except IndexError:
-        return True
-    return False
-
-
-# am_pipelining's stage forward calls the decoder's rotary embedding with 2D position_ids (the caller's,
-# or its own arange when none are given); Qwen2VLTextModel.forward, which it replaces, expands them to
-# [3, B, S] first. Where the rotary needs that (transformers < 5.23) every Qwen2-VL stage forward raises
-# IndexError, packed or not. Reported to the lead; strict, so the fix turns this into a failure to remove.
-QWEN2_VL_PIPELINE_XFAIL_REASON = "am_pipelining passes 2D position_ids to Qwen2VLRotaryEmbedding, which needs [3, B, S] in this transformers"
 
 
 def stack_config(arch: str) -> Any:

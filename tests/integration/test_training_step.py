@@ -34,7 +34,7 @@ from am_precision import cast_model_to_dtype, get_fp32_parameter_names
 
 
 @pytest.mark.parametrize("device", stack.DEVICES)
-@pytest.mark.parametrize("arch", stack.arch_params(pipelined=True))
+@pytest.mark.parametrize("arch", stack.arch_params())
 def test_packed_pipelined_te_step_equals_per_document(arch: str, device: str) -> None:
     config = stack.stack_config(arch)
     reference = build_model(config, seed=0).to(device)
