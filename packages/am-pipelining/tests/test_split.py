@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
 import tiny_models as tm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from am_pipelining import get_stage_plan, split_layer_ranges, split_model_into_stages
+from am_pipelining import cut_stage, get_stage_plan, split_layer_ranges, split_model_into_stages
 
 
 @settings(max_examples=50, deadline=None)
@@ -84,3 +87,94 @@ def test_single_stage_index():
     stage = split_model_into_stages(tm.build("llama"), 4, stage_index=2)
     assert list(stage.model.layers.keys()) == ["2"]
     assert stage.model.embed_tokens is None and stage.lm_head is None
+
+
+def _doubled_mlp(self, x):
+    """A stand-in for a kernel patch: the MLP with its output doubled (so the patch visibly runs)."""
+    return 2.0 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _closure_patch(module, marker: str | None = "tests.closure_mlp"):
+    def forward(x):
+        return _doubled_mlp(module, x)  # closes over `module`: deepcopy cannot rebind this
+
+    if marker:
+        forward.__am_patch__ = marker
+    module.forward = forward
+
+
+def _method_patch(module):
+    _doubled_mlp.__am_patch__ = "tests.method_mlp"
+    module.forward = types.MethodType(_doubled_mlp, module)
+
+
+def _ids():
+    return torch.randint(20, tm.VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("marker", ["tests.closure_mlp", None])
+def test_split_refuses_forward_patches_that_close_over_the_model(marker):
+    # marked: caught before copying; unmarked: caught after the copy (still reaches the original)
+    model = tm.build("llama")
+    _closure_patch(model.model.layers[1].mlp, marker)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.forward.*after splitting.*MethodType"):
+        split_model_into_stages(model, 2)
+    # a stage that does not hold the patched layer is unaffected
+    assert list(split_model_into_stages(model, 4, stage_index=3).model.layers.keys()) == ["3"]
+
+
+def test_split_rebinds_method_type_patches_to_the_stage_weights():
+    model = tm.build("llama")
+    for layer in model.model.layers:
+        _method_patch(layer.mlp)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        plain = tm.build("llama")(input_ids=ids, use_cache=False).logits
+    assert (ref - plain).abs().max() > 1e-2  # the patch changes the numbers, so it is really running
+    stages = split_model_into_stages(model, 2)
+    for stage in stages:
+        for idx, layer in stage.model.layers.items():
+            assert layer.mlp.forward.__self__ is layer.mlp is not model.model.layers[int(idx)].mlp
+    # wipe the original's MLP weights: the stages must not notice
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+        out = stages[1](stages[0](ids))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # fp32, same ops
+
+
+def test_split_refuses_methods_bound_to_modules_the_stage_drops():
+    model = tm.build("llama")
+    _doubled_mlp.__am_patch__ = "tests.method_mlp"
+    model.model.layers[0].mlp.forward = types.MethodType(_doubled_mlp, model.model.layers[3].mlp)
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.mlp\.forward \(patch 'tests.method_mlp'\).*bound to model\.layers\.3\.mlp",
+    ):
+        split_model_into_stages(model, 2, stage_index=0)
+
+
+def test_cut_stage_refuses_a_copy_whose_patch_reaches_the_original():
+    model = tm.build("llama")
+    _closure_patch(model.model.layers[0].mlp)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.forward.*outside it.*after splitting"):
+        cut_stage(copy.deepcopy(model), 2, 0)
+    copied = copy.deepcopy(model)
+    copied.model.layers[0].mlp.forward = types.MethodType(_doubled_mlp, copied.model.layers[1].mlp)
+    with pytest.raises(
+        ValueError, match=r"bound to another module \(LlamaMLP\), not to model\.layers\.0\.mlp"
+    ):
+        cut_stage(copied, 2, 0)
+
+
+def test_split_refuses_a_handle_holding_methods_bound_to_dropped_modules():
+    # e.g. a patch handle kept on the model: deepcopy would rebind its methods to the dropped layers (None)
+    model = tm.build("llama")
+    _method_patch(model.model.layers[3].mlp)
+    model._handle = types.SimpleNamespace(patched=[model.model.layers[3].mlp.forward])
+    with pytest.raises(
+        ValueError, match=r"^_handle\.patched\[0\] \(patch 'tests.method_mlp'\).*layers\.3\.mlp"
+    ):
+        split_model_into_stages(model, 2, stage_index=0)
+    assert split_model_into_stages(model, 2, stage_index=1)._handle.patched[0].__self__ is not None
