@@ -271,6 +271,56 @@ def _check_registries(value: Any) -> None:
         if not isinstance(getattr(owner, "_global_mapping", None), dict):
             raise contract_error(what, "has no dict _global_mapping registry to register torch_varlen in")
     require_parameters(transformers.AttentionInterface._global_mapping["sdpa"], ["module", "query"])
+    # varlen_mask reads `attention_mask` and `kv_length` as keywords: every transformers 5.x builder calls
+    # `mask_interface(..., kv_length=..., attention_mask=..., ...)`, and the sdpa entry is the reference
+    # signature of that interface.
+    sdpa_mask = masking.AttentionMaskInterface._global_mapping.get("sdpa")
+    _require_keywords(sdpa_mask, _MASK_KEYWORDS, "transformers.masking_utils.AttentionMaskInterface['sdpa']")
+    for builder in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        _require_keyword_call(_unpatched_builder(masking, builder), _MASK_KEYWORDS, builder)
+
+
+_MASK_KEYWORDS = ("attention_mask", "kv_length")
+
+
+def _require_keywords(func: Any, names: tuple[str, ...], what: str) -> None:
+    """`func` accepts each of `names` as a keyword (a named, non-positional-only parameter, or **kwargs)."""
+    sig = require_parameters(func, names, what)
+    positional_only = [
+        n
+        for n in names
+        if n in sig.parameters and sig.parameters[n].kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
+    if positional_only:
+        raise contract_error(what, f"parameters {positional_only} became positional-only in {sig}")
+
+
+def _unpatched_builder(masking: Any, builder: str) -> Any:
+    live = getattr(masking, builder, None)
+    if getattr(live, "__am_patch__", None) == f"am_packing.{builder}":  # configure_packing is active
+        from . import patches  # runtime import: patches imports this module
+
+        live = patches._ORIGINALS.get(builder, live)
+    return live
+
+
+def _require_keyword_call(func: Any, names: tuple[str, ...], builder: str) -> None:
+    """The builder's own code calls the mask interface with `names` as keywords (a keyword-name tuple)."""
+    what = f"transformers.masking_utils.{builder}"
+    code = getattr(inspect.unwrap(func), "__code__", None) if callable(func) else None  # past decorators
+    if code is None:
+        raise contract_error(what, "has no Python code to check how it calls the mask interface")
+    for const in code.co_consts:
+        if (
+            isinstance(const, tuple)
+            and "mask_function" in const
+            and all(isinstance(c, str) for c in const)
+            and set(names) <= set(const)
+        ):
+            return
+    raise contract_error(
+        what, f"no longer calls the AttentionMaskInterface function with keywords {list(names)}"
+    )
 
 
 def register_varlen_attention(name: str = VARLEN_ATTN_IMPLEMENTATION) -> PatchSet:

@@ -163,12 +163,75 @@ for _name, _fn in _PASSTHROUGHS.items():
 def _builder_contract(builder: str) -> Any:
     def check(live: Any) -> None:
         what = f"transformers.masking_utils.{builder}"
-        require_parameters(live, ["config", "attention_mask", "past_key_values", "and_mask_function"], what)
+        sig = require_parameters(
+            live, ["config", "attention_mask", "past_key_values", "and_mask_function"], what
+        )
+        # The pass-through reads a positionally passed mask as args[2] (modeling code calls
+        # `create_causal_mask(config, inputs_embeds, attention_mask, ...)` on some versions).
+        positional = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(positional) < 3 or positional[2] != "attention_mask":
+            raise contract_error(
+                what, f"expected attention_mask as the third positional parameter, found {positional[:3]}"
+            )
         masking = sys.modules["transformers.masking_utils"]
         if not callable(getattr(masking, "and_masks", None)):
             raise contract_error("transformers.masking_utils.and_masks", "no longer exists")
 
     return check
+
+
+# Probe documents: [1 1 1 1 | 2 2 2], window 3 for the sliding builder (shorter than document 1).
+_PROBE_DOCUMENTS = (1, 1, 1, 1, 2, 2, 2)
+_PROBE_WINDOW = 3
+
+
+def _probe_document_mask(builder: str, original: Any) -> None:
+    """Check on a tiny CPU input that `original` honours ``and_mask_function`` (the sdpa/eager/flex path).
+
+    A document mask must come back as a block-diagonal causal (sliding) mask; transformers dropping or
+    reinterpreting ``and_mask_function`` would otherwise leak attention across packed documents.
+    """
+    import transformers
+
+    what = f"transformers.masking_utils.{builder}"
+    ids = torch.tensor([_PROBE_DOCUMENTS])
+    seq = ids.shape[1]
+    config = transformers.PretrainedConfig()  # config-less: the builders read only these two fields
+    config._attn_implementation = "sdpa"
+    config.sliding_window = _PROBE_WINDOW
+    kwargs: dict[str, Any] = dict(
+        config=config,
+        inputs_embeds=torch.zeros(1, seq, 1),
+        attention_mask=None,
+        past_key_values=None,
+        and_mask_function=document_mask_function(ids),
+    )
+    if "cache_position" in inspect.signature(original).parameters:  # required on transformers 5.3
+        kwargs["cache_position"] = torch.arange(seq)
+    try:
+        mask = original(**kwargs)
+    except Exception as exc:  # any failure means the call convention we rely on changed
+        raise contract_error(what, f"the document-mask probe call failed ({exc!r})") from exc
+    q = torch.arange(seq)[:, None]
+    kv = torch.arange(seq)[None, :]
+    expected = (kv <= q) & (ids[0][:, None] == ids[0][None, :])
+    if builder == "create_sliding_window_causal_mask":
+        expected &= q - kv < _PROBE_WINDOW
+    require_result(
+        what,
+        mask,
+        lambda m: (
+            isinstance(m, torch.Tensor)
+            and m.dtype == torch.bool
+            and m.shape[-2:] == (seq, seq)
+            and bool(torch.equal(m.reshape(-1, seq, seq)[0], expected))
+        ),
+        f"with and_mask_function=<same document> a block-diagonal causal bool mask {expected.int().tolist()}",
+    )
 
 
 def _unpad_contract(live: Any) -> None:
@@ -234,12 +297,21 @@ def configure_packing(attn_implementation: str = "sdpa") -> PatchSet:
         return _ACTIVE
     masking = import_module_checked("transformers.masking_utils")
     flash_utils = import_module_checked("transformers.modeling_flash_attention_utils")
-    patches: list[Patch] = []
+    originals: dict[str, Any] = {}
     for builder in MASK_BUILDERS:
         live = vars(masking).get(builder, MISSING)
         if live is MISSING:
             raise contract_error(f"transformers.masking_utils.{builder}", "the function no longer exists")
-        original = live if live is not _PASSTHROUGHS[builder] else _ORIGINALS[builder]
+        originals[builder] = live if live is not _PASSTHROUGHS[builder] else _ORIGINALS[builder]
+    # Every builder contract and the document-mask probe run before the first setattr.
+    for builder, original in originals.items():
+        _builder_contract(builder)(original)
+        _probe_document_mask(builder, original)
+    live_unpad = vars(flash_utils).get("_get_unpad_data", MISSING)
+    if live_unpad is not flash_unpad_data:
+        _unpad_contract(live_unpad)
+    patches: list[Patch] = []
+    for builder, original in originals.items():
         _ORIGINALS[builder] = original
         _SIGNATURES[builder] = inspect.signature(original)
         patches.append(Patch(masking, builder, _PASSTHROUGHS[builder], contract=_builder_contract(builder)))
