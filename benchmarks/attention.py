@@ -90,9 +90,12 @@ def main() -> None:
         def t(*shape):
             return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_()
 
-        qs = [t(b, h, s, d) for _ in range(layers)]
-        ks = [t(b, kv, s, d) for _ in range(layers)]
-        vs = [t(b, kv, s, d) for _ in range(layers)]
+        # transformers hands attention functions [B, H, S, D] *views* of [B, S, H, D] projections
+        # (`.view(...).transpose(1, 2)`); build the inputs the same way, so the direct call gets the dense
+        # bshd tensors TE needs and neither side pays for a layout copy the real model would not make.
+        qs = [t(b, s, h, d).transpose(1, 2) for _ in range(layers)]
+        ks = [t(b, s, kv, d).transpose(1, 2) for _ in range(layers)]
+        vs = [t(b, s, kv, d).transpose(1, 2) for _ in range(layers)]
         scaling = modules[0].scaling
         canonical = torch.ones(1, 1, s, s, dtype=torch.bool, device=device).tril()
         lengths = [s // 4, s // 2, s // 4]
