@@ -101,3 +101,119 @@ def test_inject_protocol(monkeypatch):
     assert (
         not A.te_backend.is_te_attention_backend_registered() or A.unregister_te_attention_backend() is None
     )
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every Patch write (attribute, registry entry, instance dict): drift tests assert there was none."""
+    from am_attention._patch import ItemPatch, Patch
+    from am_attention.te_inject import _InstanceDictPatch
+
+    seen = []
+    for cls in (Patch, ItemPatch, _InstanceDictPatch):
+        original = vars(cls)["_set"]
+
+        def spy(self, value, _original=original):
+            seen.append(self.describe())
+            return _original(self, value)
+
+        monkeypatch.setattr(cls, "_set", spy)
+    return seen
+
+
+def _assert_nothing_injected(model, writes):
+    assert writes == []
+    assert not A.te_backend.is_te_attention_backend_registered()
+    assert "te" not in modeling_utils.AttentionInterface._global_mapping
+    assert all("attn_module" not in vars(m) for m in model.modules())
+    assert vars(model.config)["_attn_implementation_internal"] != "te"
+
+
+def test_mask_delegate_drift_raises(monkeypatch, writes):
+    def sdpa_mask(batch_size, kv_length, mask_function=None, attention_mask=None, **kwargs):
+        return None  # allow_is_causal_skip would vanish into **kwargs
+
+    monkeypatch.setitem(masking_utils.AttentionMaskInterface._global_mapping, "sdpa", sdpa_mask)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"AttentionMaskInterface\['sdpa'\].*allow_is_causal_skip.*{transformers.__version__}",
+    ):
+        A.register_te_attention_backend()
+    assert writes == [] and not A.te_backend.is_te_attention_backend_registered()
+
+
+def _tiled_repeat_kv(hidden_states, n_rep):  # kv heads interleaved [0, 1, 0, 1, ...]: ::n_rep is wrong
+    return hidden_states.repeat(1, n_rep, 1, 1)
+
+
+def _extra_arg_repeat_kv(hidden_states, n_rep, dim):
+    return hidden_states.repeat_interleave(n_rep, dim=dim)
+
+
+@pytest.mark.parametrize(
+    "repeat_kv, problem", [(_tiled_repeat_kv, "repeated contiguously"), (_extra_arg_repeat_kv, "signature")]
+)
+def test_repeat_kv_drift_raises(monkeypatch, writes, repeat_kv, problem):
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    model = build("qwen2")
+    monkeypatch.setattr(qwen2, "repeat_kv", repeat_kv)
+    with pytest.raises(
+        RuntimeError, match=rf"modeling_qwen2\.repeat_kv.*{problem}.*{transformers.__version__}"
+    ):
+        A.inject_te_attention(model, dot_product_attention_cls=A.ReferenceDotProductAttention)
+    _assert_nothing_injected(model, writes)
+    # the single-module entry point checks the same contract
+    with pytest.raises(RuntimeError, match=r"repeat_kv"):
+        A.inject_te_attention_into_module(
+            model.model.layers[0].self_attn, dot_product_attention_cls=A.ReferenceDotProductAttention
+        )
+    _assert_nothing_injected(model, writes)
+
+
+def _forward_without_kwargs(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    return interface(self, hidden_states, hidden_states, hidden_states, attention_mask, scaling=self.scaling)
+
+
+def _forward_without_window(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    q = k = v = hidden_states
+    return interface(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "arch, forward, problem",
+    [
+        ("qwen2", _forward_without_kwargs, r"no longer passes \*\*kwargs"),
+        ("mistral", _forward_without_window, "no longer passes sliding_window"),
+    ],
+)
+def test_attention_forward_drift_raises(monkeypatch, writes, arch, forward, problem):
+    model = build(arch)
+    cls = type(model.model.layers[0].self_attn)
+    monkeypatch.setattr(cls, "forward", forward)
+    with pytest.raises(
+        RuntimeError, match=rf"{cls.__name__}\.forward.*{problem}.*{transformers.__version__}"
+    ):
+        A.inject_te_attention(model, dot_product_attention_cls=A.ReferenceDotProductAttention)
+    _assert_nothing_injected(model, writes)
+
+
+def test_config_backend_property_drift_raises(monkeypatch, writes):
+    model = build("llama")
+    # `_attn_implementation` no longer reads the stored field (e.g. a cached or derived value)
+    drifted = type(
+        "DriftedConfig", (type(model.config),), {"_attn_implementation": property(lambda self: "sdpa")}
+    )
+    monkeypatch.setattr(model.config, "__class__", drifted)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"_attn_implementation: does not read _attn_implementation_internal.*{transformers.__version__}",
+    ):
+        A.inject_te_attention(model, dot_product_attention_cls=A.ReferenceDotProductAttention)
+    _assert_nothing_injected(model, writes)

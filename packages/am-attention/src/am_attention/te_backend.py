@@ -15,6 +15,7 @@ so the kernel path has no graph break.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -216,6 +217,23 @@ def _interfaces() -> tuple[type, type]:
     return attn_iface, mask_iface
 
 
+# te_mask forwards transformers' keyword call unchanged; these must be real parameters of the sdpa mask
+# function (its **kwargs would swallow them silently), so the mask it builds honours the mask function,
+# the padding mask and the causal-skip request the "te" dispatcher classifies.
+_MASK_PARAMETERS = ("batch_size", "kv_length", "mask_function", "attention_mask", "allow_is_causal_skip")
+
+
+def _check_mask_delegate(sdpa_mask: Any) -> None:
+    what = "transformers.masking_utils.AttentionMaskInterface['sdpa']"
+    sig = require_parameters(sdpa_mask, (), what)
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [
+        n for n in _MASK_PARAMETERS if n not in sig.parameters or sig.parameters[n].kind not in keyword_kinds
+    ]
+    if missing:
+        raise contract_error(what, f"expected keyword parameters {missing} in signature {sig}")
+
+
 def register_te_attention_backend() -> PatchSet:
     """Register `attn_implementation="te"` (attention + mask functions); idempotent; undo with `unregister_...`."""
     global _registration
@@ -229,6 +247,10 @@ def register_te_attention_backend() -> PatchSet:
         require_parameters(
             sdpa, ["module", "query", "key", "value", "attention_mask", "scaling", "is_causal"]
         )
+
+    # Both delegates are checked before the first registry write.
+    check_attention(None)
+    _check_mask_delegate(sdpa_mask)
 
     patches = PatchSet(
         [

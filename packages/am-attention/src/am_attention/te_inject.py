@@ -11,8 +11,13 @@ the same decisions without changing anything.
 
 from __future__ import annotations
 
+import copy
+import dis
 import importlib.util
+import inspect
+import itertools
 import logging
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 
 from . import te_backend
-from ._contract import contract_error
+from ._contract import contract_error, qualified_name, require_parameters, require_result
 from ._patch import Patch, PatchSet
 from .te_backend import KERNEL_ATTR, PARAMS_ATTR, TE_ATTN_IMPLEMENTATION
 from .te_params import AttnParams, check_attention_module
@@ -158,6 +163,7 @@ def inject_te_attention_into_module(
         if reason.startswith("dispatch"):
             warnings.warn(f"TE attention skips {type(module).__name__}: {reason}", UserWarning, stacklevel=2)
         return False
+    _module_contract(module, params)
     cls = dot_product_attention_cls or default_dot_product_attention_cls()
     kernel = _make_kernel(cls, params)
     patches = PatchSet(
@@ -176,8 +182,115 @@ def _config_contract(config: Any) -> Callable[[Any], None]:
                 f"{type(config).__qualname__}.{_CONFIG_ATTR}",
                 "configs no longer store the attention backend there",
             )
+        # Writing the stored field must select the backend the modeling code reads; probe on a copy.
+        probe = copy.copy(config)
+        setattr(probe, _CONFIG_ATTR, TE_ATTN_IMPLEMENTATION)
+        read = getattr(probe, "_attn_implementation", None)
+        if read != TE_ATTN_IMPLEMENTATION:
+            raise contract_error(
+                f"{type(config).__qualname__}._attn_implementation",
+                f"does not read {_CONFIG_ATTR} (set to {TE_ATTN_IMPLEMENTATION!r} on a copy, it reads {read!r})",
+            )
 
     return check
+
+
+# (class, its forward, its module's repeat_kv, windowed) combinations that passed `_module_contract`.
+_CHECKED_MODULES: set[tuple[Any, ...]] = set()
+
+
+def _mentions(code: Any, name: str) -> bool:
+    """`name` is an attribute/global the code reads, a string constant, or a keyword name it passes."""
+    if name in code.co_names:
+        return True
+    return any(c == name or (isinstance(c, tuple) and name in c) for c in code.co_consts)
+
+
+def _passes_var_keyword(code: Any, name: str) -> bool:
+    """The code unpacks its ``**name`` into a call (``f(..., **name)``)."""
+    instructions = list(dis.get_instructions(code))
+    for ins, following in itertools.pairwise(instructions):
+        if ins.opname.startswith("LOAD_FAST") and ins.argval == name:
+            if following.opname in ("DICT_MERGE", "DICT_UPDATE", "CALL_FUNCTION_EX"):
+                return True
+    return False
+
+
+def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
+    """te_attention_forward undoes an expanded K/V with ``key[:, ::n_rep]``: kv head i repeated contiguously."""
+    sig = require_parameters(repeat_kv, (), what)
+    params = list(sig.parameters.values())
+    if [p.name for p in params[:2]] != ["hidden_states", "n_rep"] or any(
+        p.default is inspect.Parameter.empty for p in params[2:]
+    ):
+        raise contract_error(what, f"expected the signature (hidden_states, n_rep), found {sig}")
+    kv = torch.arange(2.0).view(1, 2, 1, 1)
+    out = repeat_kv(kv, 3)
+    # flattened so the error reads as one line
+    heads = out.flatten().tolist() if isinstance(out, torch.Tensor) else out
+    require_result(
+        what,
+        heads,
+        lambda h: (
+            isinstance(out, torch.Tensor)
+            and tuple(out.shape) == (1, 6, 1, 1)
+            and h == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+            and torch.equal(out[:, ::3], kv)
+        ),
+        "kv heads repeated contiguously: [0, 0, 0, 1, 1, 1] of shape (1, 6, 1, 1) for heads [0, 1], n_rep=3",
+    )
+
+
+def _module_contract(module: torch.nn.Module, params: AttnParams) -> None:
+    """What te_attention_forward relies on in a transformers attention module, checked before injecting.
+
+    Its forward must pass ``**kwargs`` (position_ids, cu_seq_lens_*) and, on windowed layers,
+    ``sliding_window`` to the attention interface; its modeling module's ``repeat_kv`` must keep the layout
+    the kernel path undoes.
+    """
+    cls = type(module)
+    forward = getattr(cls, "forward", None)
+    source = sys.modules.get(cls.__module__)
+    repeat_kv = vars(source).get("repeat_kv") if source is not None else None
+    windowed = params.window_size[0] >= 0
+    key = (cls, forward, repeat_kv, windowed)
+    if key in _CHECKED_MODULES:
+        return
+    what = f"{qualified_name(cls)}.forward"
+    sig = require_parameters(forward, (), what)
+    var_keyword = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if not var_keyword:
+        raise contract_error(
+            what, f"no longer accepts **kwargs {sig}, so position_ids/sliding_window cannot reach the backend"
+        )
+    code = getattr(inspect.unwrap(forward), "__code__", None)
+    if code is None or not _passes_var_keyword(code, var_keyword[0]):
+        raise contract_error(what, f"no longer passes **{var_keyword[0]} on to the attention interface")
+    if windowed and not _mentions(code, "sliding_window"):
+        raise contract_error(
+            what, "has a sliding window but no longer passes sliding_window to the attention interface"
+        )
+    if repeat_kv is not None:
+        _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
+    _CHECKED_MODULES.add(key)
+
+
+def _preflight(model: torch.nn.Module) -> None:
+    """Every module and config contract of an injection, run before its first setattr."""
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if not _is_candidate(module) or config is None:
+            continue
+        if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
+            continue  # injected already, or not ours to inject
+        params, _ = check_attention_module(module)
+        if params is None:
+            continue
+        _module_contract(module, params)
+        configs.setdefault(id(config), config)
+    for config in configs.values():
+        _config_contract(config)(None)
 
 
 def inject_te_attention(
@@ -198,6 +311,7 @@ def inject_te_attention(
             f"{type(model).__name__} is flagged {MODEL_FLAG} but this process holds no handle for it"
         )
     cls = dot_product_attention_cls or default_dot_product_attention_cls()
+    _preflight(model)
     if not te_backend.is_te_attention_backend_registered():
         te_backend.register_te_attention_backend()
         _registered_by_injection[0] = True
