@@ -16,33 +16,10 @@ import argparse
 import json
 import pathlib
 import statistics
-import time
 
 import torch
 
-
-def _timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn, iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters
-
-    else:
-
-        def run(fn, iters):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            return (time.perf_counter() - t0) * 1e3 / iters
-
-    return run
+from benchmarks._timing import make_timer
 
 
 def main() -> None:
@@ -152,7 +129,7 @@ def main() -> None:
 
             return step
 
-        timer = _timer(device)
+        timer = make_timer(device)
         results: dict[str, object] = {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "kernel": kernel_name,

@@ -12,36 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from am_precision import Float32RMSNorm, float32_rms_norm
-
-
-def _timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn, iters: int) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters
-
-    else:
-
-        def run(fn, iters: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            return (time.perf_counter() - t0) * 1000 / iters
-
-    return run
+from benchmarks._timing import make_timer
 
 
 def main() -> None:
@@ -82,7 +58,7 @@ def main() -> None:
     # Correctness before timing: the compiled output equals the eager fp32 math to bf16 precision.
     with torch.no_grad():
         torch.testing.assert_close(norm(x), float32_rms_norm(x, w, eps), rtol=2 * 2**-8, atol=1e-5)
-    timer = _timer(device)
+    timer = make_timer(device)
     ms = {}
     for name, fn in variants.items():
         timer(fn, warmup)
