@@ -225,6 +225,32 @@ def apply_lm_head(
     return logits
 
 
+def _backbone_then_head(
+    model: nn.Module,
+    backbone: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: Any,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    logits_to_keep: int | torch.Tensor,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The stage's (patched) text backbone, then the head when this stage owns it."""
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        **kwargs,
+    )
+    return apply_lm_head(model, _hidden_from(out), logits_to_keep)
+
+
+def _require_vision_tower(vlm: nn.Module) -> None:
+    if getattr(vlm, "vision_tower", None) is None:
+        raise ValueError("pixel_values reached a stage without the vision tower (only stage 0 has it)")
+
+
 def create_pipeline_forward_causal_lm() -> Forward:
     """Create a pipeline-compatible forward for causal LM wrappers (returns logits or hidden states)."""
 
@@ -243,15 +269,16 @@ def create_pipeline_forward_causal_lm() -> Forward:
         _reject_cache(past_key_values, use_cache)
         if labels is not None:
             raise ValueError("pipeline forwards return logits; compute the loss in the schedule's loss_fn")
-        decoder = get_decoder(self)
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+        return _backbone_then_head(
+            self,
+            get_decoder(self),
+            input_ids,
+            attention_mask,
+            position_ids,
+            inputs_embeds,
+            logits_to_keep,
+            kwargs,
         )
-        return apply_lm_head(self, _hidden_from(out), logits_to_keep)
 
     return pipeline_forward
 
@@ -282,10 +309,7 @@ def create_pipeline_forward_mistral3_vlm() -> Forward:
         if inputs_embeds is None and input_ids is not None and not input_ids.is_floating_point():
             inputs_embeds = stage_input(text, input_ids, None)
             if pixel_values is not None:
-                if getattr(vlm, "vision_tower", None) is None:
-                    raise ValueError(
-                        "pixel_values reached a stage without the vision tower (only stage 0 has it)"
-                    )
+                _require_vision_tower(vlm)
                 features = vlm.get_image_features(
                     pixel_values=pixel_values,
                     image_sizes=image_sizes,
@@ -298,14 +322,9 @@ def create_pipeline_forward_mistral3_vlm() -> Forward:
                 )
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features)
             input_ids = None
-        out = text(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+        return _backbone_then_head(
+            self, text, input_ids, attention_mask, position_ids, inputs_embeds, logits_to_keep, kwargs
         )
-        return apply_lm_head(self, _hidden_from(out), logits_to_keep)
 
     return pipeline_forward
 
@@ -410,10 +429,7 @@ def create_pipeline_forward_gemma4_vlm() -> Forward:
             if getattr(text, "hidden_size_per_layer_input", 0):
                 kwargs["per_layer_inputs"] = text.get_per_layer_inputs(llm_ids, inputs_embeds)
             if pixel_values is not None:
-                if getattr(vlm, "vision_tower", None) is None:
-                    raise ValueError(
-                        "pixel_values reached a stage without the vision tower (only stage 0 has it)"
-                    )
+                _require_vision_tower(vlm)
                 features = vlm.get_image_features(
                     pixel_values, image_position_ids, return_dict=True
                 ).pooler_output
@@ -421,13 +437,8 @@ def create_pipeline_forward_gemma4_vlm() -> Forward:
                 image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
             input_ids = None
-        out = text(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+        return _backbone_then_head(
+            self, text, input_ids, attention_mask, position_ids, inputs_embeds, logits_to_keep, kwargs
         )
-        return apply_lm_head(self, _hidden_from(out), logits_to_keep)
 
     return pipeline_forward
