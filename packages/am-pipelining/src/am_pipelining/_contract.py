@@ -59,6 +59,29 @@ def require_parameters(func: Any, names: Iterable[str], what: str | None = None)
     return sig
 
 
+# Private parameters transformers renamed, the oldest spelling first. Adapting to the next rename is
+# one row here: every caller asks `parameter_name` which spelling the installed function declares.
+RENAMED_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "past_key_values": ("past_key_values", "cache"),  # mask builders and modeling forwards, 5.24
+}
+
+
+def parameter_name(func: Any, name: str, what: str | None = None) -> str:
+    """The spelling of parameter `name` (a key of RENAMED_PARAMETERS, or any name) that `func` declares.
+
+    Only named parameters count (not ``**kwargs``): a deprecation shim that still accepts the old name
+    through ``**kwargs`` is not what the function itself takes.
+    """
+    label = what or qualified_name(func)
+    spellings = RENAMED_PARAMETERS.get(name, (name,))
+    sig = require_parameters(func, (), label)
+    named = [s for s in spellings if s in sig.parameters and sig.parameters[s].kind is not inspect.Parameter.VAR_KEYWORD]
+    if len(named) != 1:
+        found = "both" if named else "neither"
+        raise contract_error(label, f"expected exactly one of the parameters {list(spellings)}, found {found} in {sig}")
+    return named[0]
+
+
 def require_attribute(owner: Any, name: str, what: str | None = None) -> Any:
     label = what or f"{qualified_name(owner)}.{name}"
     if not hasattr(owner, name):
