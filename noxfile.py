@@ -1,24 +1,31 @@
 """Test matrix for the automodel-kit workspace.
 
 Sessions (packages are discovered from packages/*, so a new package needs no edit here):
-- tests-<package>(transformers)  the package's own tests against each transformers factor
-- integration(transformers)      all packages composed, tests/integration
-- contracts(transformers)        every private transformers object we patch still matches
-- isolation-<package>            the package's wheel installed ALONE in a fresh venv, its tests run
-- build                          wheels and sdists of every package into dist/
-- lint                           ruff
+- tests-<package>(transformers)          the package's own tests against each transformers factor
+- integration(python, transformers)      all packages composed, tests/integration (also on Python 3.12)
+- contracts(transformers)                every private transformers object we patch still matches
+- minors                                 contracts + an exactness smoke on EVERY published 5.x minor;
+                                         writes docs/transformers-support.md
+- isolation-<package>                    the package's wheel installed ALONE in a fresh venv, its tests run
+- build                                  wheels and sdists of every package into dist/
+- lint                                   ruff
 
 Run everything with `uv run nox`; one session with `uv run nox -s "tests-am-kernels(transformers='5.3')"`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import sys
+import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import nox
+from packaging.version import InvalidVersion, Version
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,19 +35,70 @@ else:  # pragma: no cover - the workspace dev group runs on 3.11+ in CI
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
 
-# The transformers factors: the oldest supported minor, the 5.5 rename of the flash flags,
-# and the newest 5.x release (whatever PyPI has today).
+# The transformers factors: the oldest supported minor, the 5.5 rename of the flash flags, the minor
+# before the newest (so a regression the newest release hides is still caught), and the newest 5.x
+# release (whatever the index has today). "previous" is read from the index when its session runs.
+SUPPORTED = "transformers>=5.3,<6"
 TRANSFORMERS = {
     "5.3": "transformers==5.3.0",
     "5.5": "transformers>=5.5,<5.6",
-    "latest": "transformers>=5.3,<6",
+    "previous": None,
+    "latest": SUPPORTED,
 }
+OLDEST_MINOR = (5, 3)
+# Python factors of the integration session: the machine's interpreter for every transformers factor,
+# and the next CPython on the newest transformers.
+INTEGRATION_FACTORS = [("3.11", t) for t in TRANSFORMERS] + [("3.12", "latest")]
+PACKAGE_NAMES = re.compile(r"\bam[-_](attention|packing|precision|pipelining|kernels)\b")
 # Extras that need CUDA builds; everything else (liger, test) installs on CPU.
 GPU_EXTRAS = {"te", "flash-attn"}
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
+
+
+def _index_url() -> str:
+    for var in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"):
+        if os.environ.get(var):
+            return os.environ[var].rstrip("/")
+    return "https://pypi.org/simple"
+
+
+def published_minors() -> dict[str, str]:
+    """Latest final, non-yanked patch of every transformers 5.x minor from 5.3, read from the index now.
+
+    Uses the index's JSON simple API (PEP 691/700), so a release published today is in the list
+    without an edit here.
+    """
+    request = urllib.request.Request(
+        f"{_index_url()}/transformers/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        files = json.load(response)["files"]
+    latest: dict[tuple[int, int], Version] = {}
+    for file in files:
+        if file.get("yanked"):
+            continue
+        match = re.match(r"transformers-([^-]+?)(?:\.tar\.gz|-py)", file["filename"])
+        try:
+            version = Version(match.group(1)) if match else None
+        except InvalidVersion:
+            continue
+        if version is None or version.is_prerelease or version.major != 5 or version.release[:2] < OLDEST_MINOR:
+            continue
+        minor = version.release[:2]
+        latest[minor] = max(latest.get(minor, version), version)
+    return {f"{m[0]}.{m[1]}": str(latest[m]) for m in sorted(latest)}
+
+
+def _requirement(transformers: str) -> str:
+    if transformers == "previous":
+        minors = list(published_minors().values())
+        if len(minors) < 2:
+            raise RuntimeError(f"the index lists fewer than two transformers 5.x minors: {minors}")
+        return f"transformers=={minors[-2]}"
+    return TRANSFORMERS[transformers]
 
 
 def _pyproject(package: str) -> dict:
@@ -78,7 +136,7 @@ def _install_workspace(session: nox.Session, packages: list[str], transformers: 
     args: list[str] = []
     for package in packages:
         args += _editable(package)
-    session.install(*args, TRANSFORMERS[transformers], _locked_torch(), "pytest", "hypothesis")
+    session.install(*args, _requirement(transformers), _locked_torch(), "pytest", "hypothesis")
     session.run(
         "python",
         "-c",
@@ -108,7 +166,7 @@ def _make_isolation_session(package: str) -> None:
         extras = ",".join(_cpu_extras(package))
         wheel = next(wheels.glob(f"{package.replace('-', '_')}-*.whl"))
         requirement = f"{package}[{extras}] @ {wheel.as_uri()}" if extras else str(wheel)
-        session.install("--find-links", str(wheels), requirement, TRANSFORMERS["latest"], _locked_torch())
+        session.install("--find-links", str(wheels), requirement, SUPPORTED, _locked_torch())
         # Run the tests from a copy, far from the source tree, so only the installed wheel is importable.
         work = tmp / "run"
         shutil.rmtree(work, ignore_errors=True)
@@ -134,7 +192,9 @@ for _package in PACKAGES:
 
 
 @nox.session
-@nox.parametrize("transformers", list(TRANSFORMERS))
+@nox.parametrize(
+    "python,transformers", INTEGRATION_FACTORS, ids=[f"py{p}-{t}" for p, t in INTEGRATION_FACTORS]
+)
 def integration(session: nox.Session, transformers: str) -> None:
     """All packages composed on tiny models (tests/integration)."""
     _install_workspace(session, PACKAGES, transformers)
@@ -148,6 +208,78 @@ def contracts(session: nox.Session, transformers: str) -> None:
     """Every private transformers object a package patches still has the contract we rely on."""
     _install_workspace(session, PACKAGES, transformers)
     session.run("pytest", "tests/contracts", "-q", *session.posargs)
+
+
+def _failed_packages(junit: Path) -> tuple[set[str], int]:
+    """Packages named by the failing tests of a junit report (all five when a failure names none)."""
+    failed: set[str] = set()
+    root = ET.parse(junit).getroot()
+    cases = list(root.iter("testcase"))
+    for case in cases:
+        problems = [c for c in case if c.tag in ("failure", "error")]
+        for problem in problems:
+            # Smoke tests are named test_am_<package>; contract failures say "(relied on by am-x, am-y)".
+            text = f"{case.get('name', '')} {problem.get('message', '')} {problem.text or ''}"
+            names = {f"am-{n}" for n in PACKAGE_NAMES.findall(text.replace("test_am_", "am_"))}
+            failed |= names or set(SUPPORT_COLUMNS)
+    return failed, len(cases)
+
+
+SUPPORT_COLUMNS = ("am-attention", "am-packing", "am-precision", "am-pipelining", "am-kernels")
+SUPPORT_TABLE = ROOT / "docs" / "transformers-support.md"
+
+
+@nox.session
+def minors(session: nox.Session) -> None:
+    """Contracts and an exactness smoke on every published transformers 5.x minor (latest patch of each).
+
+    One venv; transformers is swapped per minor. Writes the minor x package table to
+    docs/transformers-support.md and fails when any cell fails.
+    """
+    minors_found = published_minors()
+    session.log("transformers minors on the index: " + ", ".join(minors_found.values()))
+    args: list[str] = []
+    for package in PACKAGES:
+        args += _editable(package)
+    first = next(iter(minors_found.values()))
+    session.install(*args, f"transformers=={first}", _locked_torch(), "pytest", "hypothesis")
+    reports = Path(session.create_tmp()).resolve()
+    rows: list[tuple[str, str, set[str], int]] = []
+    for minor, version in minors_found.items():
+        session.install(f"transformers=={version}")
+        junit = reports / f"minor-{version}.xml"
+        session.run(
+            "pytest", "tests/contracts", "tests/minors", "-q", "-p", "no:cacheprovider",
+            f"--junitxml={junit}", *session.posargs, success_codes=[0, 1],
+        )  # fmt: skip
+        failed, count = _failed_packages(junit)
+        rows.append((minor, version, failed, count))
+        session.log(f"transformers {version}: {count} tests, failing packages: {sorted(failed) or 'none'}")
+    _write_support_table(rows)
+    broken = [f"{version} ({', '.join(sorted(failed))})" for _, version, failed, _ in rows if failed]
+    if broken:
+        session.error("transformers minors with failing packages: " + "; ".join(broken))
+
+
+def _write_support_table(rows: list[tuple[str, str, set[str], int]]) -> None:
+    lines = [
+        "# transformers support",
+        "",
+        "Written by `uv run nox -s minors`: for every published transformers 5.x minor (its latest patch, read",
+        "from the package index when the session runs), `tests/contracts` (every private object a package",
+        "patches or relies on) and `tests/minors` (one exactness smoke per package on tiny Llama and Qwen3:",
+        "packed == per-document, TE-injected == plain, 2 stages == unsplit, Liger patch/undo, fp32-kept cast).",
+        "A cell fails when a test naming that package fails. The per-package test matrix runs on 5.3, 5.5,",
+        "the minor before the newest and the newest (`noxfile.py`).",
+        "",
+        "| minor | tested | tests | " + " | ".join(SUPPORT_COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(SUPPORT_COLUMNS),
+    ]
+    for minor, version, failed, count in rows:
+        cells = ["fail" if package in failed else "pass" for package in SUPPORT_COLUMNS]
+        lines.append(f"| {minor} | {version} | {count} | " + " | ".join(cells) + " |")
+    SUPPORT_TABLE.parent.mkdir(exist_ok=True)
+    SUPPORT_TABLE.write_text("\n".join(lines) + "\n")
 
 
 @nox.session(venv_backend="none")

@@ -14,6 +14,7 @@ object, the package that relies on it and the installed transformers version.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -29,6 +30,8 @@ import transformers
 from packaging.version import Version
 from transformers import masking_utils, modeling_utils
 from transformers import modeling_flash_attention_utils as flash_utils
+
+from am_kernels._contract import RENAMED_PARAMETERS
 
 TF = Version(transformers.__version__)
 TF_5_5 = Version("5.5.0")
@@ -187,12 +190,22 @@ SIGNATURES: list[Sig] = [
 ]  # fmt: skip
 
 
+def _spelling(name: str, params: Any) -> str:
+    """The installed spelling of `name`: a renamed parameter (RENAMED_PARAMETERS) may take any of its names."""
+    return next((s for s in RENAMED_PARAMETERS.get(name, ()) if s in params), name)
+
+
 def _check_signature(row: Sig) -> None:
     obj = _resolve(row.path)
     sig = inspect.signature(obj)
     params = sig.parameters
     names = list(params)
     kinds = {p.kind for p in params.values()}
+    row = dataclasses.replace(
+        row,
+        params=tuple(_spelling(n, params) for n in row.params),
+        leading=tuple(_spelling(n, params) for n in row.leading),
+    )
     missing = [n for n in row.params + row.leading if n not in params]
     assert not missing, f"parameters {missing} missing from {sig}"
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
