@@ -85,7 +85,12 @@ def published_minors() -> dict[str, str]:
             version = Version(match.group(1)) if match else None
         except InvalidVersion:
             continue
-        if version is None or version.is_prerelease or version.major != 5 or version.release[:2] < OLDEST_MINOR:
+        if (
+            version is None
+            or version.is_prerelease
+            or version.major != 5
+            or version.release[:2] < OLDEST_MINOR
+        ):
             continue
         minor = version.release[:2]
         latest[minor] = max(latest.get(minor, version), version)

@@ -17,19 +17,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-import integration_stack as stack  # noqa: E402
-from liger_expectations import check_liger_report_and_undo  # noqa: E402
+import integration_stack as stack
+from liger_expectations import check_liger_report_and_undo
 
-from am_attention import (  # noqa: E402
+from am_attention import (
     ReferenceDotProductAttention,
     get_te_attention_stats,
     inject_te_attention,
     reset_te_attention_stats,
 )
-from am_cli.tiny_models import build_model  # noqa: E402
-from am_packing import configure_packing, pack_sequences  # noqa: E402
-from am_pipelining import split_model_into_stages  # noqa: E402
-from am_precision import cast_model_to_dtype  # noqa: E402
+from am_cli.tiny_models import build_model
+from am_packing import configure_packing, pack_sequences
+from am_pipelining import split_model_into_stages
+from am_precision import cast_model_to_dtype
 
 ARCHS = ("llama", "qwen3")
 # bf16 logits of a 4-layer tiny model vs its fp32 original: bf16 keeps 8 mantissa bits (relative rounding
