@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import inspect
 import sys
 import types
 
@@ -52,7 +53,7 @@ def test_real_liger_swaps_expected_modules_and_undo_restores(tiny, model_type, k
     liger_rope = load_liger_ops().rotary_pos_emb
     for attn in attns:
         assert attn.forward.__am_patch__ == "am_kernels.liger.rope"
-        rope = attn.forward.__func__.__globals__[plan.rope_function]
+        rope = inspect.unwrap(attn.forward.__func__).__globals__[plan.rope_function]
         assert rope.__am_patch__ == "am_kernels.liger.rope"
         assert rope.__closure__[0].cell_contents.rotary_pos_emb is liger_rope
         assert_same_signature(originals[id(attn)], attn.forward)
@@ -154,7 +155,7 @@ def test_rope_copy_reads_module_globals_live(tiny, torch_ops, monkeypatch, kit):
         assert len(seen) == 2  # a later change of the module is visible to the copied forward
         assert (
             modeling_llama.apply_rotary_pos_emb
-            is attn.forward.__func__.__globals__._module_globals["apply_rotary_pos_emb"]
+            is inspect.unwrap(attn.forward.__func__).__globals__._module_globals["apply_rotary_pos_emb"]
         )
     finally:
         model.config._attn_implementation = "sdpa"

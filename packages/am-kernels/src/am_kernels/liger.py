@@ -5,7 +5,7 @@ no class, no transformers module attribute and no torch function is changed, so 
 models (and other threads) are unaffected. Rotary embeddings are the one place where
 transformers calls a module-level function (`apply_rotary_pos_emb`); instead of swapping it
 in the modeling module, each attention instance gets a copy of its class's forward whose
-global lookup of that one name resolves to Liger's rope (see `liger_forwards.with_global`).
+global lookup of that one name resolves to Liger's rope (see `rebind.with_global`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._contract import contract_error, require_parameters
+from ._contract import contract_error, parameter_name, require_parameters
 from ._patch import MISSING, Patch, PatchSet, mark
 from .liger_forwards import (
     CAUSAL_LM_PARAMETERS,
@@ -26,9 +26,10 @@ from .liger_forwards import (
     liger_rope,
     load_liger_ops,
     rms_norm_forward,
-    with_global,
 )
 from .liger_plans import LIGER_PLANS, LigerPlan, supported_model_types
+from .liger_rope import checked_rope_target
+from .rebind import with_global
 from .signature import assert_same_signature
 
 M = TypeVar("M")
@@ -172,52 +173,21 @@ def _mlp_patches(module: Any, plan: LigerPlan, ops: LigerOps, config: Any) -> li
     return [_forward_patch(module, func, name), _name_patch(module, _SHOWN_AS[plan.mlp_kind], name)]
 
 
-# Our rope replacement is `(q, k, cos, sin, unsqueeze_dim=1)`; the attention forward calls it positionally.
-_ROPE_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")
-
-
-def _check_rope_signature(hf_rope: Any, what: str) -> None:
-    try:
-        sig = inspect.signature(hf_rope)
-    except (TypeError, ValueError) as exc:
-        raise contract_error(what, f"its signature cannot be read ({exc})") from exc
-    params = list(sig.parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if (
-        tuple(p.name for p in params) != _ROPE_PARAMETERS
-        or any(p.kind not in positional for p in params)
-        or any(p.default is not inspect.Parameter.empty for p in params[:4])
-        or params[4].default != 1
-    ):
-        raise contract_error(
-            what, f"expected the positional parameters (q, k, cos, sin, unsqueeze_dim=1), found {sig}"
-        )
-
-
 def _rope_patches(module: Any, plan: LigerPlan, ops: LigerOps) -> list[Patch]:
-    cls_forward = type(module).forward
-    what = f"{type(module).__module__}.{type(module).__qualname__}.forward"
-    if hasattr(cls_forward, "__wrapped__") or not isinstance(cls_forward, types.FunctionType):
-        raise contract_error(what, "expected a plain function (no decorator) so its globals can be rebound")
-    if plan.rope_function not in cls_forward.__code__.co_names:
-        raise contract_error(what, f"it no longer calls the module-level {plan.rope_function}")
-    hf_rope = cls_forward.__globals__.get(plan.rope_function)
-    if hf_rope is None:
-        raise contract_error(what, f"{plan.rope_function} is not defined in {type(module).__module__}")
-    _check_rope_signature(hf_rope, f"{type(module).__module__}.{plan.rope_function}")
+    cls_forward, hf_rope, what = checked_rope_target(module, plan)
     rope = mark(liger_rope(ops), _NAMES["rope"], wrapped=hf_rope)
-    func = with_global(cls_forward, plan.rope_function, rope)
+    func = with_global(cls_forward, plan.rope_function, rope, what)
     name = _NAMES["rope"]
     shown_as = f"{type(module).__name__}+LigerRope"
     return [_forward_patch(module, func, name, wrap=False), _name_patch(module, shown_as, name)]
 
 
-# Fields of the base model's output that the fused path reads.
-_BASE_OUTPUT_FIELDS = ("last_hidden_state", "past_key_values", "hidden_states", "attentions")
+# Fields of the base model's output that the fused path reads, besides the cache (renamed in 5.24).
+_BASE_OUTPUT_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
 
 
-def _check_base_model_output(base: Any) -> None:
-    """The fused path reads `last_hidden_state` (and the cache/hidden/attention fields) of the base model."""
+def _base_output_cache_field(base: Any) -> str:
+    """The cache field of the base model's output class, after checking the other fields the fused path reads."""
     what = f"{type(base).__module__}.{type(base).__qualname__}.forward"
     try:
         annotation = inspect.signature(base.forward).return_annotation
@@ -232,8 +202,19 @@ def _check_base_model_output(base: Any) -> None:
     if missing:
         raise contract_error(
             what,
-            f"expected it to return a model output with {list(_BASE_OUTPUT_FIELDS)}, annotated {annotation!r}",
+            f"expected it to return a model output with {list(_BASE_OUTPUT_FIELDS)} and a cache, "
+            f"annotated {annotation!r}",
         )
+    return parameter_name(annotation, "past_key_values", f"{what} -> {annotation.__qualname__}")
+
+
+def _causal_lm_output_cache_field() -> str:
+    """The cache field of `CausalLMOutputWithPast` (its constructor's parameter), which the fused path fills."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return parameter_name(
+        CausalLMOutputWithPast, "past_key_values", "transformers.modeling_outputs.CausalLMOutputWithPast"
+    )
 
 
 def _check_loss_function_property(model: Any) -> None:
@@ -274,8 +255,13 @@ def _causal_lm_patches(model: Any, plan: LigerPlan, ops: LigerOps, *, fused: boo
             raise contract_error(what, "fused linear cross entropy needs a bias-free lm_head")
         if not hasattr(model, model.base_model_prefix):
             raise contract_error(what, f"the base model attribute {model.base_model_prefix!r} is missing")
-        _check_base_model_output(getattr(model, model.base_model_prefix))
-        func = fused_linear_ce_forward(model.forward, model, ops, softcap_attr=plan.softcap_attr)
+        cache_fields = (
+            _base_output_cache_field(getattr(model, model.base_model_prefix)),
+            _causal_lm_output_cache_field(),
+        )
+        func = fused_linear_ce_forward(
+            model.forward, model, ops, softcap_attr=plan.softcap_attr, cache_fields=cache_fields
+        )
         name = _NAMES["fused_linear_cross_entropy"]
         return [
             _forward_patch(model, func, name),

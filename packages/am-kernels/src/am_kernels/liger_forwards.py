@@ -121,41 +121,6 @@ def gated_mlp_forward(
     return forward
 
 
-class _OverlayGlobals(dict):
-    """Globals for a copied function: own entries win, everything else is read live from the module.
-
-    CPython looks globals of a non-exact dict up through `__getitem__`, so `__missing__`
-    forwards each miss to the module's current namespace: later changes to the module stay
-    visible, and only the overridden names differ.
-    """
-
-    def __init__(self, module_globals: dict[str, Any], overrides: dict[str, Any]) -> None:
-        super().__init__(overrides)
-        # Builtins are resolved from this key when the function is created, not via __missing__.
-        self["__builtins__"] = module_globals["__builtins__"]
-        self._module_globals = module_globals
-
-    def __missing__(self, key: str) -> Any:
-        return self._module_globals[key]
-
-
-def with_global(func: types.FunctionType, name: str, value: Any) -> types.FunctionType:
-    """A copy of `func` that sees `value` for the global `name`; the module itself is untouched."""
-    copy = types.FunctionType(
-        func.__code__,
-        _OverlayGlobals(func.__globals__, {name: value}),
-        func.__name__,
-        func.__defaults__,
-        func.__closure__,
-    )
-    copy.__kwdefaults__ = func.__kwdefaults__
-    copy.__qualname__ = func.__qualname__
-    copy.__module__ = func.__module__
-    copy.__doc__ = func.__doc__
-    copy.__annotations__ = dict(func.__annotations__)
-    return copy
-
-
 def liger_rope(ops: LigerOps) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """transformers' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` computed by Liger."""
 
@@ -172,12 +137,19 @@ CAUSAL_LM_PARAMETERS = ("input_ids", "labels", "logits_to_keep")
 
 
 def fused_linear_ce_forward(
-    original: Callable[..., Any], module: Any, ops: LigerOps, *, softcap_attr: str | None
+    original: Callable[..., Any],
+    module: Any,
+    ops: LigerOps,
+    *,
+    softcap_attr: str | None,
+    cache_fields: tuple[str, str],
 ) -> Callable[..., Any]:
     """CausalLM forward that, when training with labels, skips the logits and fuses lm_head + CE.
 
     Anything else (eval, generation, no labels) calls the original forward unchanged (on `self`,
-    see `rebindable`), so the inference path is exactly transformers' own.
+    see `rebindable`), so the inference path is exactly transformers' own. `cache_fields` names
+    the cache field of the base model's output and of `CausalLMOutputWithPast` as the installed
+    classes declare it (`past_key_values`, or `cache` since 5.24), so no deprecated alias is read.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -185,6 +157,7 @@ def fused_linear_ce_forward(
     var_kw = next(p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
     own = ("labels", "logits_to_keep", var_kw)
     call_original = rebindable(original, module)
+    base_cache, output_cache = cache_fields
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = sig.bind(*args, **kwargs).arguments
@@ -212,9 +185,9 @@ def fused_linear_ce_forward(
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{output_cache: getattr(outputs, base_cache)},
         )
         use_dict = self.config.return_dict if return_dict is None else return_dict
         return result if use_dict else result.to_tuple()

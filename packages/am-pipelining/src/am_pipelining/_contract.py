@@ -75,10 +75,16 @@ def parameter_name(func: Any, name: str, what: str | None = None) -> str:
     label = what or qualified_name(func)
     spellings = RENAMED_PARAMETERS.get(name, (name,))
     sig = require_parameters(func, (), label)
-    named = [s for s in spellings if s in sig.parameters and sig.parameters[s].kind is not inspect.Parameter.VAR_KEYWORD]
+    named = [
+        s
+        for s in spellings
+        if s in sig.parameters and sig.parameters[s].kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     if len(named) != 1:
         found = "both" if named else "neither"
-        raise contract_error(label, f"expected exactly one of the parameters {list(spellings)}, found {found} in {sig}")
+        raise contract_error(
+            label, f"expected exactly one of the parameters {list(spellings)}, found {found} in {sig}"
+        )
     return named[0]
 
 
