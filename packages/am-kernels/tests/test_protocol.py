@@ -99,11 +99,11 @@ def test_failure_midway_reverts_everything(tiny, torch_ops, kit, monkeypatch):
     real_apply = _patch.Patch.apply
     count = {"n": 0}
 
-    def flaky(self):
+    def flaky(self, **kwargs):
         count["n"] += 1
         if count["n"] == 12:
             raise RuntimeError("simulated failure on the 12th patch")
-        real_apply(self)
+        real_apply(self, **kwargs)
 
     monkeypatch.setattr(_patch.Patch, "apply", flaky)
     with pytest.raises(RuntimeError, match="12th"):

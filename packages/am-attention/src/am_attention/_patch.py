@@ -3,17 +3,22 @@
 This module is copied byte-for-byte into every am-* package that patches anything, so each
 package stays vendorable alone; a test at the repository root keeps the copies identical.
 
-A `Patch` changes one attribute (or one mapping entry) of one target. `apply()` runs the
-contract check first, is a no-op when our replacement is already live, and captures the
-original from the target's own `__dict__` (never through `getattr`, so a class attribute is
-never copied onto an instance). `revert()` restores exactly that original, or deletes the entry
-when there was none, and refuses to clobber a foreign patch stacked on top of ours.
-`PatchSet` applies a list all-or-nothing and reverts in reverse order; it is a context manager.
+A `Patch` changes one attribute (or one mapping entry) of one target. `check()` runs its
+contract against the live value; `apply()` is a no-op when our replacement is already live, and
+captures the original from the target's own `__dict__` (never through `getattr`, so a class
+attribute is never copied onto an instance). `revert()` restores exactly that original, or deletes
+the entry when there was none, and refuses to clobber a foreign patch stacked on top of ours.
+
+`PatchSet` applies a list in two phases — every contract first, then every set — so a failed check
+changes nothing; a failure while setting rolls back what was set. Its revert checks every patch
+before restoring any. It is a context manager. `GlobalPatch` owns the one process-wide handle of a
+patch set: applying again returns the live handle, and any undo (its own or the handle's) clears it.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -115,14 +120,20 @@ class Patch:
         """True when the target currently holds our replacement."""
         return self._own() is self.replacement
 
-    def apply(self) -> None:
+    def check(self) -> None:
+        """Run the contract against the live value (nothing to check when ours is live already)."""
+        if self.contract is not None and not self.is_live():
+            self.contract(self._live())
+
+    def apply(self, *, checked: bool = False) -> None:
+        """Set the replacement; `checked=True` when `check()` has just run (PatchSet's first phase)."""
         if self.is_live():
             if not self.applied:
                 self.adopted = True
                 self.applied = True
             return
-        if self.contract is not None:
-            self.contract(self._live())
+        if not checked:
+            self.check()
         self.original = self._own()
         self._set(self.replacement)
         self.applied = True
@@ -185,11 +196,15 @@ class ItemPatch(Patch):
 
 
 class PatchSet:
-    """Patches applied all-or-nothing and reverted in reverse order; also a context manager."""
+    """Patches applied all-or-nothing and reverted in reverse order; also a context manager.
+
+    `on_revert` callbacks run after a successful revert (a `GlobalPatch` forgets its handle there).
+    """
 
     def __init__(self, patches: Iterable[Patch] = (), *, name: str = "") -> None:
         self.patches: list[Patch] = list(patches)
         self.name = name
+        self.on_revert: list[Callable[[PatchSet], None]] = []
 
     def __repr__(self) -> str:
         return f"PatchSet({self.name!r}, {len(self.patches)} patches, applied={self.applied})"
@@ -208,13 +223,19 @@ class PatchSet:
         self.patches.append(patch)
         return patch
 
+    def check(self) -> None:
+        """Phase 1: every contract of every patch not yet applied; raises before anything changes."""
+        for patch in self.patches:
+            if not patch.applied:
+                patch.check()
+
     def apply(self) -> PatchSet:
+        self.check()
         done: list[Patch] = []
         try:
             for patch in self.patches:
-                was_applied = patch.applied
-                patch.apply()
-                if not was_applied:
+                if not patch.applied:
+                    patch.apply(checked=True)
                     done.append(patch)
         except BaseException:
             for patch in reversed(done):
@@ -222,15 +243,61 @@ class PatchSet:
             raise
         return self
 
-    def revert(self) -> None:
-        # Check every patch first, so a foreign patch never leaves the set half-reverted.
+    def check_revertible(self) -> None:
+        """Raise RuntimeError when any patch of the set has something foreign stacked on it."""
         for patch in self.patches:
             patch.check_revertible()
+
+    def revert(self) -> None:
+        # Every patch is checked first, so a foreign patch never leaves the set half-reverted.
+        self.check_revertible()
         for patch in reversed(self.patches):
             patch.revert()
+        for callback in list(self.on_revert):
+            callback(self)
 
     def __enter__(self) -> PatchSet:
         return self.apply()
 
     def __exit__(self, *exc: object) -> None:
         self.revert()
+
+
+class GlobalPatch:
+    """The one process-wide handle of a patch set: idempotent apply, and an undo that clears it.
+
+    `build` makes the PatchSet when none is live (it may raise: nothing is changed then). The handle
+    it returns can be reverted directly (context manager, `.revert()`) or through `revert()` here;
+    either way the next `apply()` builds a fresh set.
+    """
+
+    def __init__(self, build: Callable[..., PatchSet]) -> None:
+        self._build = build
+        self._active: PatchSet | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def active(self) -> PatchSet | None:
+        """The live handle, or None."""
+        return self._active if self._active is not None and self._active.applied else None
+
+    def apply(self, *args: Any, **kwargs: Any) -> PatchSet:
+        with self._lock:
+            if self.active is not None:
+                return self._active  # type: ignore[return-value]
+            handle = self._build(*args, **kwargs)
+            handle.apply()
+            handle.on_revert.append(self._forget)
+            self._active = handle
+            return handle
+
+    def revert(self) -> None:
+        """Undo the live handle (no-op when none is live)."""
+        with self._lock:
+            if self._active is not None:
+                self._active.revert()
+                self._active = None
+
+    def _forget(self, handle: PatchSet) -> None:
+        if self._active is handle:
+            self._active = None

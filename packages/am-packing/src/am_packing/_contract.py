@@ -1,25 +1,33 @@
-"""Contract checks run before patching a private transformers/torch object.
+"""Contract checks run before patching a private object of another library (transformers by default).
 
-Copied byte-for-byte into every am-* package that patches transformers (see `_patch.py`).
-Every failure is a RuntimeError that names the object and the installed transformers
-version, so a transformers release that changes a private contract fails loudly when the
-patch is applied, never silently afterwards.
+Copied byte-for-byte into every am-* package that patches anything (see `_patch.py`). Every
+failure is a RuntimeError that names the object and the installed version of the library that
+owns it, so a release that changes a private contract fails loudly when the patch is applied,
+never silently afterwards.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+# Import name -> distribution name, for the version in messages.
+_DISTRIBUTIONS = {"transformer_engine": "transformer-engine", "liger_kernel": "liger-kernel"}
+
+
+def library_version(library: str = "transformers") -> str:
+    """The installed version of `library` (an import name), or "not installed"; never imports it."""
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS.get(library, library))
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
 
 def transformers_version() -> str:
-    try:
-        import transformers
-    except ImportError:  # callers that patch transformers import it first; this is for messages
-        return "not installed"
-    return str(transformers.__version__)
+    return library_version("transformers")
 
 
 def qualified_name(obj: Any) -> str:
@@ -28,11 +36,11 @@ def qualified_name(obj: Any) -> str:
     return f"{module}.{name}" if module else name
 
 
-def contract_error(what: str, problem: str) -> RuntimeError:
-    """A RuntimeError saying that `what` no longer matches what we patch against."""
+def contract_error(what: str, problem: str, *, library: str = "transformers") -> RuntimeError:
+    """A RuntimeError saying that `what` (owned by `library`) no longer matches what we patch against."""
     return RuntimeError(
-        f"{what}: {problem} (installed transformers {transformers_version()}); "
-        "this transformers version changed a private contract that automodel-kit patches, "
+        f"{what}: {problem} (installed {library} {library_version(library)}); "
+        f"this {library} version changed a private contract that automodel-kit patches, "
         "so the patch was not applied"
     )
 
@@ -86,13 +94,6 @@ def parameter_name(func: Any, name: str, what: str | None = None) -> str:
             label, f"expected exactly one of the parameters {list(spellings)}, found {found} in {sig}"
         )
     return named[0]
-
-
-def require_attribute(owner: Any, name: str, what: str | None = None) -> Any:
-    label = what or f"{qualified_name(owner)}.{name}"
-    if not hasattr(owner, name):
-        raise contract_error(label, "the attribute no longer exists")
-    return getattr(owner, name)
 
 
 def import_module_checked(name: str) -> Any:
