@@ -4,9 +4,11 @@ Sessions (packages are discovered from packages/*, so a new package needs no edi
 - tests-<package>(transformers)          the package's own tests against each transformers factor
 - integration(python, transformers)      all packages composed, tests/integration (also on Python 3.12)
 - contracts(transformers)                every private transformers object we patch still matches
+                                         (not run by default: `minors` covers it on every minor)
 - minors                                 contracts + an exactness smoke on EVERY published 5.x minor;
                                          writes docs/transformers-support.md
 - isolation-<package>                    the package's wheel installed ALONE in a fresh venv, its tests run
+- sync-shared                            copy am-kernels' _patch.py/_contract.py into every package (not default)
 - build                                  wheels and sdists of every package into dist/
 - lint                                   ruff
 
@@ -207,7 +209,8 @@ def integration(session: nox.Session, transformers: str) -> None:
     session.run("pytest", "tests/integration", "tests/gpu", "-q", *session.posargs)
 
 
-@nox.session
+# Not in the default run: `minors` runs tests/contracts on every published minor, these factors included.
+@nox.session(default=False)
 @nox.parametrize("transformers", list(TRANSFORMERS))
 def contracts(session: nox.Session, transformers: str) -> None:
     """Every private transformers object a package patches still has the contract we rely on."""
@@ -285,6 +288,22 @@ def _write_support_table(rows: list[tuple[str, str, set[str], int]]) -> None:
         lines.append(f"| {minor} | {version} | {count} | " + " | ".join(cells) + " |")
     SUPPORT_TABLE.parent.mkdir(exist_ok=True)
     SUPPORT_TABLE.write_text("\n".join(lines) + "\n")
+
+
+SHARED_MODULES = ("_patch.py", "_contract.py")
+SHARED_REFERENCE = "am-kernels"
+
+
+@nox.session(name="sync-shared", venv_backend="none", default=False)
+def sync_shared(session: nox.Session) -> None:
+    """Copy the protocol core (am-kernels' _patch.py, _contract.py) into every package that has a copy."""
+    source = ROOT / "packages" / SHARED_REFERENCE / "src" / SHARED_REFERENCE.replace("-", "_")
+    for name in SHARED_MODULES:
+        reference = (source / name).read_bytes()
+        for copy in sorted((ROOT / "packages").glob(f"*/src/*/{name}")):
+            if copy.read_bytes() != reference:
+                copy.write_bytes(reference)
+                session.log(f"updated {copy.relative_to(ROOT)}")
 
 
 @nox.session(venv_backend="none")
