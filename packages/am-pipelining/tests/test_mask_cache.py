@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import tiny_models as tm
 import torch
 from hypothesis import given, settings
@@ -81,3 +83,26 @@ def test_non_first_stage_reuses_mask_across_microbatches():
         for _ in range(3):
             stages[1](hidden)
     assert cache.builds == 1 and cache.hits == 2
+
+
+def test_rebuilt_when_a_builder_or_a_config_field_it_reads_changes(monkeypatch):
+    import transformers.masking_utils as mu
+
+    config, cache = _cfg(), CausalMaskCache()
+    types = ("full_attention",)
+    x = torch.zeros(2, 8, 32)
+    config.is_causal = False  # the builders fall back to bidirectional masks
+    cache.get(config, x, None, None, types)
+    config.is_causal = True
+    _same(cache.get(config, x, None, None, types), build_causal_mask_mapping(config, x, None, None, types))
+    assert cache.builds == 2
+    calls = []
+    original = mu.create_causal_mask
+
+    def create_causal_mask(*args, **kwargs):  # a patched builder (e.g. another package's) is used at once
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "create_causal_mask", functools.wraps(original)(create_causal_mask))
+    cache.get(config, x, None, None, types)
+    assert len(calls) == 1 and cache.builds == 3 and cache.hits == 0

@@ -59,3 +59,16 @@ def test_contract_drift_raises_naming_function_and_version(monkeypatch):
     with pytest.raises(RuntimeError, match=rf"create_causal_mask.*{transformers.__version__}"):
         patch_hf_model_for_pp(model)
     assert "forward" not in vars(model) and "forward" not in vars(model.model)
+
+
+def test_contracts_never_read_bytecode():
+    # Contracts adapt by signature and behaviour; code objects change with every CPython release.
+    import re
+    from pathlib import Path
+
+    import am_pipelining
+
+    pattern = re.compile(r"__code__|\bco_(names|consts|varnames|code)\b|^\s*(import|from) dis\b", re.M)
+    sources = sorted(Path(am_pipelining.__file__).parent.glob("*.py"))
+    offenders = [p.name for p in sources if pattern.search(p.read_text())]
+    assert sources and not offenders, offenders

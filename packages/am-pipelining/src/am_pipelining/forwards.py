@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._contract import transformers_version
+from ._contract import RENAMED_PARAMETERS, parameter_name, qualified_name, transformers_version
 from .introspect import get_decoder, get_text_config, owned_layers
 from .mask_cache import CausalMaskCache
 
@@ -33,11 +33,32 @@ def layer_type_of(config: Any, index: int) -> str:
     return "full_attention"
 
 
-def _reject_cache(past_key_values: Any, use_cache: bool | None) -> None:
-    if past_key_values is not None or use_cache:
+def _reject_cache(kwargs: dict[str, Any], use_cache: bool | None) -> None:
+    """Refuse a KV cache under any spelling transformers used for it, removing the cache arguments.
+
+    Callers written for either side of a rename (`past_key_values`, 5.24's `cache`) pass `None`
+    under their spelling; dropping it here keeps it out of the layers' **kwargs.
+    """
+    given = {name: kwargs.pop(name) for name in RENAMED_PARAMETERS["past_key_values"] if name in kwargs}
+    caches = {name: type(value).__name__ for name, value in given.items() if value is not None}
+    if caches or use_cache:
         raise ValueError(
-            f"pipeline forwards run without a KV cache; got use_cache={use_cache!r}, "
-            f"past_key_values={type(past_key_values).__name__}; pass use_cache=False"
+            f"pipeline forwards run without a KV cache; got use_cache={use_cache!r}"
+            + "".join(f", {name}={kind}" for name, kind in caches.items())
+            + "; pass use_cache=False"
+        )
+
+
+def _refuse_block_overlay(kwargs: dict[str, Any]) -> None:
+    # The unsplit model would drop `block_sequence_ids` into the layers' **kwargs unused; the mask
+    # builders (5.23+) read it as a bidirectional image-block overlay whose composition is model
+    # specific. Neither is what a caller passing it means, and it is not document packing
+    # (that comes from position_ids), so say so instead of ignoring it.
+    if kwargs.get("block_sequence_ids") is not None:
+        raise ValueError(
+            "block_sequence_ids (a bidirectional image-block overlay) is not applied by pipeline "
+            "forwards, which build causal masks; for packed documents pass per-document position_ids, "
+            "for a custom mask pass attention_mask={layer_type: mask}"
         )
 
 
@@ -65,6 +86,16 @@ def _accepts(fn: Callable, name: str) -> bool:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def layer_cache_parameter(layer_cls: type) -> str:
+    """The name under which `layer_cls.forward` takes its KV cache (`past_key_values`, or `cache` from 5.24).
+
+    Passing None under the declared name, never the other one, keeps the old name out of a
+    deprecation shim (5.24 warns) and out of **kwargs, where a layer would forward it unread.
+    """
+    forward = layer_cls.forward
+    return parameter_name(forward, "past_key_values", qualified_name(forward))
 
 
 def uses_mrope(config: Any) -> bool:
@@ -117,6 +148,7 @@ def run_decoder_layers(
     shared_kv_states: Any = None,
 ) -> torch.Tensor:
     """Masks, rotary embeddings, the owned layers and (if owned) the final norm of one stage."""
+    _refuse_block_overlay(layer_kwargs)
     config = module.config
     if position_ids is None:
         position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
@@ -143,6 +175,7 @@ def run_decoder_layers(
     for idx, layer in layers:
         lt = types[idx]
         call_kwargs = dict(layer_kwargs)
+        call_kwargs[layer_cache_parameter(type(layer))] = None
         if _accepts(type(layer).forward, "cache_position"):
             # transformers 5.3 layers still take cache_position; later versions dropped it.
             if cache_position is None:
@@ -158,7 +191,6 @@ def run_decoder_layers(
             attention_mask=mapping.get(lt),
             position_embeddings=position_embeddings.get(lt),
             position_ids=position_ids,
-            past_key_values=None,
             **call_kwargs,
         )
         hidden_states = out[0] if isinstance(out, tuple) else out
@@ -183,12 +215,12 @@ def create_pipeline_forward_inner(
         input_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        _reject_cache(past_key_values, use_cache)
+        _reject_cache(kwargs, use_cache)
         kwargs.pop("cache_position", None)
         hidden = stage_input(self, input_ids, inputs_embeds)
         return run_decoder_layers(self, hidden, attention_mask, position_ids, cache, kwargs)
@@ -259,14 +291,14 @@ def create_pipeline_forward_causal_lm() -> Forward:
         input_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> torch.Tensor:
-        _reject_cache(past_key_values, use_cache)
+        _reject_cache(kwargs, use_cache)
         if labels is not None:
             raise ValueError("pipeline forwards return logits; compute the loss in the schedule's loss_fn")
         return _backbone_then_head(
@@ -295,7 +327,7 @@ def create_pipeline_forward_mistral3_vlm() -> Forward:
         input_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -303,7 +335,7 @@ def create_pipeline_forward_mistral3_vlm() -> Forward:
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> torch.Tensor:
-        _reject_cache(past_key_values, use_cache)
+        _reject_cache(kwargs, use_cache)
         vlm = self.model
         text = vlm.language_model
         if inputs_embeds is None and input_ids is not None and not input_ids.is_floating_point():
@@ -356,13 +388,13 @@ def create_pipeline_forward_gemma4_text(*, mask_cache: CausalMaskCache | None = 
         input_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         per_layer_inputs: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        _reject_cache(past_key_values, use_cache)
+        _reject_cache(kwargs, use_cache)
         kwargs.pop("cache_position", None)
         token_ids = input_ids if input_ids is not None and not input_ids.is_floating_point() else None
         hidden = stage_input(self, input_ids, inputs_embeds)
@@ -403,7 +435,7 @@ def create_pipeline_forward_gemma4_vlm() -> Forward:
         input_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_position_ids: torch.Tensor | None = None,
@@ -411,7 +443,7 @@ def create_pipeline_forward_gemma4_vlm() -> Forward:
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> torch.Tensor:
-        _reject_cache(past_key_values, use_cache)
+        _reject_cache(kwargs, use_cache)
         vlm = self.model
         text = vlm.language_model
         text_config = get_text_config(self)

@@ -2,21 +2,28 @@
 
 Non-first pipeline stages never see the batch's attention mask, so they rebuild the
 `{layer_type: mask}` mapping for every microbatch. Without an explicit `attention_mask` that
-mapping depends only on the layer types, the batch/sequence shape, dtype, device, attention
-implementation, sliding window and the `position_ids` (packed batches carry per-document
-positions, from which transformers derives block-diagonal masks). The cache keys on all of
-those, compares `position_ids` by value, and never caches when an `attention_mask` is given
+mapping depends only on the builders and the mask function registered for the attention
+implementation, the batch/sequence shape, dtype, device, the config fields the builders read
+(`is_causal`, sliding window, chunk size) and the `position_ids` (packed batches carry
+per-document positions, from which transformers derives block-diagonal masks). The cache keys on
+all of those, compares `position_ids` by value, and never caches when an `attention_mask` is given
 (it may encode per-batch padding).
+
+The builders are called without a KV cache (under whichever name they declare: `past_key_values`
+up to 5.23, `cache` from 5.24) and without `block_sequence_ids` (5.23+: a bidirectional overlay
+for image tokens, which is not document packing) or `layer_idx` (it only sizes masks against a
+cache), so the masks are the causal ones the unsplit decoder builds.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ._contract import contract_error, require_parameters
+from ._contract import contract_error, parameter_name, qualified_name, require_parameters
 
 _MASK_FUNCTIONS = {
     "full_attention": "create_causal_mask",
@@ -24,10 +31,18 @@ _MASK_FUNCTIONS = {
     "chunked_attention": "create_chunked_causal_mask",
 }
 
-_REQUIRED_MASK_PARAMS = ("config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids")
+_REQUIRED_MASK_PARAMS = ("config", "inputs_embeds", "attention_mask", "position_ids")
+_FORWARDING_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+# Config fields the mask builders read besides `_attn_implementation` (bidirectional fallback, windows).
+_MASK_CONFIG_FIELDS = ("is_causal", "sliding_window", "attention_chunk_size")
 
 
-def mask_function(layer_type: str):
+def _label(name: str) -> str:
+    return f"transformers.masking_utils.{name}"
+
+
+def mask_function(layer_type: str) -> Callable[..., Any]:
     """The transformers mask builder for a layer type, checked against the contract we call it with."""
     from transformers import masking_utils
 
@@ -39,14 +54,32 @@ def mask_function(layer_type: str):
         )
     fn = getattr(masking_utils, name, None)
     if fn is None:
-        raise contract_error(f"transformers.masking_utils.{name}", "the function no longer exists")
-    require_parameters(fn, _REQUIRED_MASK_PARAMS, f"transformers.masking_utils.{name}")
+        raise contract_error(_label(name), "the function no longer exists")
+    _require_declared_parameters(fn, _label(name))
+    parameter_name(fn, "past_key_values", _label(name))
     return fn
 
 
-def _needs_cache_position(fn) -> bool:
+def _require_declared_parameters(fn: Callable[..., Any], label: str) -> None:
+    sig = require_parameters(fn, _REQUIRED_MASK_PARAMS, label)
+    if all(p.kind in _FORWARDING_KINDS for p in sig.parameters.values()):
+        # A pass-through (another package's patch) that hides what it forwards to: the KV-cache and
+        # cache_position names we must call it with cannot be read off `(*args, **kwargs)`.
+        raise contract_error(
+            label,
+            f"is {qualified_name(fn)}{sig}, a wrapper that hides the builder's parameters; it must expose "
+            "the signature it forwards to (functools.wraps, __wrapped__ or __signature__)",
+        )
+
+
+def _call_extras(fn: Callable[..., Any], layer_type: str, inputs_embeds: torch.Tensor) -> dict[str, Any]:
+    """Arguments besides the inputs: no KV cache, by the name `fn` declares; cache_position where taken."""
+    cache_name = parameter_name(fn, "past_key_values", _label(_MASK_FUNCTIONS[layer_type]))
+    extras: dict[str, Any] = {cache_name: None}
     # transformers 5.3 still takes cache_position (required); 5.5 keeps it as an unused BC argument.
-    return "cache_position" in inspect.signature(fn).parameters
+    if "cache_position" in inspect.signature(fn).parameters:
+        extras["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    return extras
 
 
 def build_causal_mask_mapping(
@@ -60,17 +93,24 @@ def build_causal_mask_mapping(
     mapping: dict[str, Any] = {}
     for layer_type in layer_types:
         fn = mask_function(layer_type)
-        kwargs: dict[str, Any] = dict(
+        mapping[layer_type] = fn(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=None,
             position_ids=position_ids,
+            **_call_extras(fn, layer_type, inputs_embeds),
         )
-        if _needs_cache_position(fn):
-            kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-        mapping[layer_type] = fn(**kwargs)
     return mapping
+
+
+def _mask_interface(config: Any) -> Any:
+    # The mask function registered for the attention implementation shapes every mask; a
+    # re-registration (AttentionMaskInterface.register) must not be served a mask built before it.
+    from transformers import masking_utils
+
+    registry = getattr(masking_utils, "ALL_MASK_ATTENTION_FUNCTIONS", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return registry.get(impl) if registry is not None and impl is not None else None
 
 
 class CausalMaskCache:
@@ -93,14 +133,23 @@ class CausalMaskCache:
         pos_meta = None if position_ids is None else (tuple(position_ids.shape), position_ids.dtype)
         return (
             tuple(layer_types),
+            # the builders themselves (a patched builder must not be served masks of the original one)
+            tuple(mask_function(lt) for lt in layer_types),
+            _mask_interface(config),
             tuple(inputs_embeds.shape[:2]),
             inputs_embeds.dtype,
             inputs_embeds.device,
             getattr(config, "_attn_implementation", None),
-            getattr(config, "sliding_window", None),
-            getattr(config, "attention_chunk_size", None),
+            tuple(getattr(config, field, None) for field in _MASK_CONFIG_FIELDS),
             pos_meta,
         )
+
+    def _holds(self, key: tuple, position_ids: torch.Tensor | None) -> bool:
+        if self._value is None or key != self._key:
+            return False
+        if position_ids is None or self._position_ids is None:
+            return position_ids is None and self._position_ids is None
+        return torch.equal(position_ids, self._position_ids)
 
     def get(
         self,
@@ -116,15 +165,9 @@ class CausalMaskCache:
             self.builds += 1
             return build_causal_mask_mapping(config, inputs_embeds, attention_mask, position_ids, layer_types)
         key = self._key_for(config, inputs_embeds, position_ids, layer_types)
-        if self._value is not None and key == self._key:
-            same_positions = (position_ids is None and self._position_ids is None) or (
-                position_ids is not None
-                and self._position_ids is not None
-                and torch.equal(position_ids, self._position_ids)
-            )
-            if same_positions:
-                self.hits += 1
-                return self._value
+        if self._holds(key, position_ids):
+            self.hits += 1
+            return self._value
         value = build_causal_mask_mapping(config, inputs_embeds, None, position_ids, layer_types)
         self.builds += 1
         self._key = key

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ._contract import contract_error, require_parameters
+from ._contract import contract_error, qualified_name, require_parameters
 from ._patch import Patch, PatchSet, mark
 from .forwards import (
     create_pipeline_forward_causal_lm,
@@ -16,6 +16,7 @@ from .forwards import (
     create_pipeline_forward_gemma4_vlm,
     create_pipeline_forward_inner,
     create_pipeline_forward_mistral3_vlm,
+    layer_cache_parameter,
     layer_type_of,
 )
 from .introspect import get_decoder, is_gemma4_vlm, is_mistral3_vlm, model_type, owned_layers
@@ -37,11 +38,10 @@ def _decoder_contract(decoder: nn.Module):
         layers = owned_layers(decoder)
         for idx, _layer in layers:
             mask_function(layer_type_of(config, idx))
-        if layers:
-            layer_cls = type(layers[0][1])
-            require_parameters(
-                layer_cls.forward, _LAYER_PARAMS, f"{layer_cls.__module__}.{layer_cls.__qualname__}.forward"
-            )
+        # Hybrid decoders mix layer classes: each one is called the same way, so each is checked.
+        for layer_cls in dict.fromkeys(type(layer) for _, layer in layers):
+            require_parameters(layer_cls.forward, _LAYER_PARAMS, qualified_name(layer_cls.forward))
+            layer_cache_parameter(layer_cls)
 
     return check
 
