@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
@@ -54,6 +55,23 @@ def no_patch_leak():
             leaked.append(f"{name}.{b}")
     assert not leaked, f"test leaked patches: {leaked}"
     assert patches._ACTIVE is None and backends._VARLEN_SET is None
+
+
+@pytest.fixture
+def no_setattr(monkeypatch):
+    """Record every Patch/ItemPatch write, so drift tests can assert nothing was patched, not even briefly."""
+    from am_packing._patch import ItemPatch, Patch
+
+    writes = []
+    for cls in (Patch, ItemPatch):
+        original = vars(cls)["_set"]
+
+        def spy(self, value, _original=original):
+            writes.append(self.describe())
+            return _original(self, value)
+
+        monkeypatch.setattr(cls, "_set", spy)
+    return writes
 
 
 @pytest.fixture
@@ -111,3 +129,36 @@ def make_model():
         return model.eval()
 
     return build
+
+
+def _builder_copy(original, *, rename=None, ignore=(), move=None):
+    """A stand-in for a transformers mask builder with a drifted signature, forwarding to `original`.
+
+    `rename` maps original parameter names to the copy's, `ignore` names parameters the copy accepts but
+    drops (silently, the worst drift), `move` = (name, index) re-orders one parameter. Like a real def, the
+    copy raises TypeError for a name it does not declare, so a caller using the wrong spelling fails.
+    """
+    rename = rename or {}
+    real = inspect.signature(original)
+    params = [p.replace(name=rename.get(p.name, p.name)) for p in real.parameters.values()]
+    if move is not None:
+        name, index = move
+        param = next(p for p in params if p.name == name)
+        params.remove(param)
+        params.insert(index, param)
+    fake = real.replace(parameters=params)
+    back = {new: old for old, new in rename.items()}
+
+    def copy(*args, **kwargs):
+        bound = fake.bind(*args, **kwargs)
+        return original(**{back.get(k, k): v for k, v in bound.arguments.items() if k not in ignore})
+
+    copy.__signature__ = fake
+    copy.__name__ = copy.__qualname__ = original.__name__
+    copy.__module__ = original.__module__
+    return copy
+
+
+@pytest.fixture
+def builder_copy():
+    return _builder_copy

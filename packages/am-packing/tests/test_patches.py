@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from am_packing import (
     get_attn_implementation,
     unconfigure_packing,
 )
+from am_packing._contract import parameter_name
 from am_packing._patch import patch_name
 
 
@@ -29,6 +31,18 @@ def test_already_imported_modules_are_patched_and_restored():
         assert mistral.create_sliding_window_causal_mask is am_packing.create_sliding_window_causal_mask
         assert patch_name(llama.create_causal_mask) == "am_packing.create_causal_mask"
     assert llama.create_causal_mask is original is masking.create_causal_mask
+
+
+def test_passthrough_exposes_the_signature_it_forwards_to():
+    """Signature-keyed callers (parameter_name, am-pipelining's mask cache) can adapt while packing is on."""
+    import transformers.masking_utils as masking
+
+    originals = {b: getattr(masking, b) for b in ("create_causal_mask", "create_sliding_window_causal_mask")}
+    with configure_packing("sdpa"):
+        for builder, original in originals.items():
+            live = getattr(masking, builder)
+            assert live is not original and inspect.signature(live) == inspect.signature(original)
+            assert parameter_name(live, "past_key_values") == parameter_name(original, "past_key_values")
 
 
 def test_module_imported_after_configure_is_covered_and_restored():
@@ -74,6 +88,15 @@ def test_flash_unpad_data_is_per_document():
         assert [t.tolist() for t in ours[:2]] == [t.tolist() for t in theirs[:2]] and ours[2] == theirs[2]
 
 
+def _builder_kwargs(builder, **kwargs):
+    """Keyword arguments for a mask builder (ours or transformers'): no cache, under the installed spelling."""
+    original = am_packing.patches._original(builder.__name__)
+    kwargs[parameter_name(original, "past_key_values")] = None
+    if "cache_position" in inspect.signature(original).parameters:  # required on transformers 5.3
+        kwargs["cache_position"] = torch.arange(kwargs["inputs_embeds"].shape[1])
+    return kwargs
+
+
 def test_flash_passthrough_returns_the_indexed_mask(make_model):
     """For flash/varlen backends the mask builder hands the indexed mask itself to attention."""
     import transformers.masking_utils as masking
@@ -85,11 +108,9 @@ def test_flash_passthrough_returns_the_indexed_mask(make_model):
         model.config._attn_implementation = "flash_attention_2"
         try:
             for builder in (masking.create_causal_mask, masking.create_sliding_window_causal_mask):
-                kwargs = dict(
-                    config=model.config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None
+                kwargs = _builder_kwargs(
+                    builder, config=model.config, inputs_embeds=embeds, attention_mask=mask
                 )
-                if "cache_position" in am_packing.patches._SIGNATURES["create_causal_mask"].parameters:
-                    kwargs["cache_position"] = torch.arange(5)
                 assert builder(**kwargs) is mask
         finally:
             model.config._attn_implementation = "sdpa"
@@ -101,11 +122,12 @@ def test_plain_masks_go_to_transformers(make_model):
 
     model = make_model("llama", "eager")
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    kwargs = dict(
-        config=model.config, inputs_embeds=torch.zeros(2, 4, 32), attention_mask=mask, past_key_values=None
+    kwargs = _builder_kwargs(
+        masking.create_causal_mask,
+        config=model.config,
+        inputs_embeds=torch.zeros(2, 4, 32),
+        attention_mask=mask,
     )
-    if "cache_position" in __import__("inspect").signature(masking.create_causal_mask).parameters:
-        kwargs["cache_position"] = torch.arange(4)
     expected = masking.create_causal_mask(**kwargs)
     with configure_packing("eager"):
         got = masking.create_causal_mask(**kwargs)

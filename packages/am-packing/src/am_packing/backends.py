@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from ._contract import contract_error, import_module_checked, require_parameters
 from ._patch import ItemPatch, PatchSet, mark
+from ._probes import builder_what, call_builder
 from .mask import UnpadData, document_ids_from_position_ids, get_unpad_data
 
 __all__ = [
@@ -271,16 +273,16 @@ def _check_registries(value: Any) -> None:
         if not isinstance(getattr(owner, "_global_mapping", None), dict):
             raise contract_error(what, "has no dict _global_mapping registry to register torch_varlen in")
     require_parameters(transformers.AttentionInterface._global_mapping["sdpa"], ["module", "query"])
-    # varlen_mask reads `attention_mask` and `kv_length` as keywords: every transformers 5.x builder calls
-    # `mask_interface(..., kv_length=..., attention_mask=..., ...)`, and the sdpa entry is the reference
-    # signature of that interface.
+    # varlen_mask reads `attention_mask` and `kv_length` as keywords: the sdpa entry is the reference
+    # signature of the mask interface, and the builders must call it that way (a behaviour probe).
     sdpa_mask = masking.AttentionMaskInterface._global_mapping.get("sdpa")
     _require_keywords(sdpa_mask, _MASK_KEYWORDS, "transformers.masking_utils.AttentionMaskInterface['sdpa']")
     for builder in ("create_causal_mask", "create_sliding_window_causal_mask"):
-        _require_keyword_call(_unpatched_builder(masking, builder), _MASK_KEYWORDS, builder)
+        _probe_mask_interface_call(masking, builder, _unpatched_builder(masking, builder))
 
 
 _MASK_KEYWORDS = ("attention_mask", "kv_length")
+_PROBE_LENGTH = 4
 
 
 def _require_keywords(func: Any, names: tuple[str, ...], what: str) -> None:
@@ -304,23 +306,51 @@ def _unpatched_builder(masking: Any, builder: str) -> Any:
     return live
 
 
-def _require_keyword_call(func: Any, names: tuple[str, ...], builder: str) -> None:
-    """The builder's own code calls the mask interface with `names` as keywords (a keyword-name tuple)."""
-    what = f"transformers.masking_utils.{builder}"
-    code = getattr(inspect.unwrap(func), "__code__", None) if callable(func) else None  # past decorators
-    if code is None:
-        raise contract_error(what, "has no Python code to check how it calls the mask interface")
-    for const in code.co_consts:
-        if (
-            isinstance(const, tuple)
-            and "mask_function" in const
-            and all(isinstance(c, str) for c in const)
-            and set(names) <= set(const)
+def _record_mask_interface_calls(masking: Any, builder: str, original: Any) -> list[tuple[tuple, dict]]:
+    """Every call `original` makes to the mask interface on a 0/1 probe mask (args, kwargs).
+
+    The recorder is registered under a fresh key only this call names (so no model or other thread
+    dispatches to it) and the registry is restored exactly, also when the probe fails.
+    """
+    calls: list[tuple[tuple, dict]] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        calls.append((args, kwargs))
+
+    registry = masking.AttentionMaskInterface._global_mapping
+    key = f"am_packing_probe_{uuid.uuid4().hex}"
+    registry[key] = record
+    try:
+        mask = torch.ones(1, _PROBE_LENGTH, dtype=torch.long)
+        call_builder(builder, original, key, _PROBE_LENGTH, attention_mask=mask)
+    finally:
+        del registry[key]
+    return calls
+
+
+def _probe_mask_interface_call(masking: Any, builder: str, original: Any) -> None:
+    """The builder calls the mask interface with `attention_mask` (the 2D mask) and `kv_length` as keywords."""
+    what = builder_what(builder)
+    calls = _record_mask_interface_calls(masking, builder, original)
+    if not calls:
+        raise contract_error(what, "the probe call never reached the AttentionMaskInterface function")
+    for args, kwargs in calls:
+        missing = [n for n in _MASK_KEYWORDS if n not in kwargs]
+        if missing:
+            raise contract_error(
+                what,
+                f"no longer calls the AttentionMaskInterface function with keywords {list(_MASK_KEYWORDS)} "
+                f"(missing {missing}; {len(args)} positional arguments)",
+            )
+        mask, kv_length = kwargs["attention_mask"], kwargs["kv_length"]
+        if not (
+            isinstance(mask, torch.Tensor) and mask.shape == (1, _PROBE_LENGTH) and kv_length == _PROBE_LENGTH
         ):
-            return
-    raise contract_error(
-        what, f"no longer calls the AttentionMaskInterface function with keywords {list(names)}"
-    )
+            raise contract_error(
+                what,
+                f"called the AttentionMaskInterface function with attention_mask={mask!r}, kv_length={kv_length!r}; "
+                f"expected the 2D probe mask of shape (1, {_PROBE_LENGTH}) and kv_length={_PROBE_LENGTH}",
+            )
 
 
 def register_varlen_attention(name: str = VARLEN_ATTN_IMPLEMENTATION) -> PatchSet:

@@ -22,8 +22,16 @@ from typing import Any
 
 import torch
 
-from ._contract import contract_error, import_module_checked, require_parameters, require_result
+from ._contract import (
+    RENAMED_PARAMETERS,
+    contract_error,
+    import_module_checked,
+    parameter_name,
+    require_parameters,
+    require_result,
+)
 from ._patch import MISSING, Patch, PatchSet, mark
+from ._probes import PROBE_WINDOW, builder_what, call_builder
 from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, document_mask_function, flash_unpad_data
 from .discovery import MASK_BUILDERS
 from .mask import validate_indexed_mask
@@ -73,6 +81,31 @@ def _split_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple
     return dict(sig.bind_partial(*args, **known).arguments), extra
 
 
+def _cache_argument(arguments: dict, extra: dict) -> Any:
+    """The KV cache a caller passed, under whichever spelling it used (the builder's, or a deprecated one
+    that transformers' shim still accepts through ``**kwargs``)."""
+    passed = {**extra, **arguments}
+    return next((passed[n] for n in RENAMED_PARAMETERS["past_key_values"] if passed.get(n) is not None), None)
+
+
+def _blocks_within_documents(block_ids: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """`block_ids` (bidirectional blocks, e.g. image tokens; not documents) split at document boundaries.
+
+    The builders OR the block overlay in *after* ``and_mask_function``, so a block spanning two packed
+    documents (paligemma's one prefix group per row, or gemma3 images ending one document and starting
+    the next) would reopen attention between them. Pairing each block id with its document id keeps every
+    block exactly as it is inside its document (what that document alone sees) and -1 (no block) as is.
+    """
+    if block_ids.shape[-1] != document_ids.shape[-1]:
+        raise ValueError(
+            f"block_sequence_ids of shape {tuple(block_ids.shape)} do not match the indexed packing mask of "
+            f"shape {tuple(document_ids.shape)}"
+        )
+    block_ids = block_ids.to(device=document_ids.device, dtype=torch.long)
+    span = document_ids.shape[-1] + 1  # document ids are < span, so (block, document) pairs stay distinct
+    return torch.where(block_ids >= 0, block_ids * span + document_ids.to(torch.long), block_ids)
+
+
 def _is_int_2d(mask: Any) -> bool:
     return (
         isinstance(mask, torch.Tensor)
@@ -98,7 +131,7 @@ def _make_passthrough(builder: str) -> Any:
         if stats[0] <= 1 and stats[1] >= 0:  # plain 0/1 padding mask: transformers' own behaviour
             return original(*args, **kwargs)
         validate_indexed_mask(mask)
-        cache = arguments.get("past_key_values")
+        cache = _cache_argument(arguments, extra)
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             raise ValueError(
                 "an indexed packing mask cannot be combined with a non-empty KV cache "
@@ -120,6 +153,10 @@ def _make_passthrough(builder: str) -> Any:
             arguments.update(attention_mask=None, and_mask_function=same_doc)
             if "position_ids" in sig.parameters:
                 arguments["position_ids"] = None
+            if arguments.get("block_sequence_ids") is not None:
+                arguments["block_sequence_ids"] = _blocks_within_documents(
+                    arguments["block_sequence_ids"], mask
+                )
             return original(**arguments, **extra)
         raise ValueError(
             f"an indexed packing mask reached attn_implementation={impl!r}, which am-packing cannot pack "
@@ -162,10 +199,9 @@ for _name, _fn in _PASSTHROUGHS.items():
 
 def _builder_contract(builder: str) -> Any:
     def check(live: Any) -> None:
-        what = f"transformers.masking_utils.{builder}"
-        sig = require_parameters(
-            live, ["config", "attention_mask", "past_key_values", "and_mask_function"], what
-        )
+        what = builder_what(builder)
+        sig = require_parameters(live, ["config", "attention_mask", "and_mask_function"], what)
+        parameter_name(live, "past_key_values", what)  # exactly one spelling of the cache, any of the renames
         # The pass-through reads a positionally passed mask as args[2] (modeling code calls
         # `create_causal_mask(config, inputs_embeds, attention_mask, ...)` on some versions).
         positional = [
@@ -184,45 +220,36 @@ def _builder_contract(builder: str) -> Any:
     return check
 
 
-# Probe documents: [1 1 1 1 | 2 2 2], window 3 for the sliding builder (shorter than document 1).
+# Probe documents: [1 1 1 1 | 2 2 2], longer than the probe window for the sliding builder, and one
+# image-like block spanning both documents (within the window), which must stay inside each document.
 _PROBE_DOCUMENTS = (1, 1, 1, 1, 2, 2, 2)
-_PROBE_WINDOW = 3
+_PROBE_BLOCKS = (0, 0, -1, -1, 0, 0, -1)
 
 
 def _probe_document_mask(builder: str, original: Any) -> None:
     """Check on a tiny CPU input that `original` honours ``and_mask_function`` (the sdpa/eager/flex path).
 
     A document mask must come back as a block-diagonal causal (sliding) mask; transformers dropping or
-    reinterpreting ``and_mask_function`` would otherwise leak attention across packed documents.
+    reinterpreting ``and_mask_function`` would otherwise leak attention across packed documents. Where the
+    builder takes ``block_sequence_ids``, the probe passes a block crossing the document boundary as the
+    pass-through would, and the block must stay bidirectional inside each document and never cross it.
     """
-    import transformers
-
-    what = f"transformers.masking_utils.{builder}"
     ids = torch.tensor([_PROBE_DOCUMENTS])
     seq = ids.shape[1]
-    config = transformers.PretrainedConfig()  # config-less: the builders read only these two fields
-    config._attn_implementation = "sdpa"
-    config.sliding_window = _PROBE_WINDOW
-    kwargs: dict[str, Any] = dict(
-        config=config,
-        inputs_embeds=torch.zeros(1, seq, 1),
-        attention_mask=None,
-        past_key_values=None,
-        and_mask_function=document_mask_function(ids),
-    )
-    if "cache_position" in inspect.signature(original).parameters:  # required on transformers 5.3
-        kwargs["cache_position"] = torch.arange(seq)
-    try:
-        mask = original(**kwargs)
-    except Exception as exc:  # any failure means the call convention we rely on changed
-        raise contract_error(what, f"the document-mask probe call failed ({exc!r})") from exc
     q = torch.arange(seq)[:, None]
     kv = torch.arange(seq)[None, :]
-    expected = (kv <= q) & (ids[0][:, None] == ids[0][None, :])
+    allowed = kv <= q
     if builder == "create_sliding_window_causal_mask":
-        expected &= q - kv < _PROBE_WINDOW
+        allowed &= q - kv < PROBE_WINDOW
+    kwargs: dict[str, Any] = dict(attention_mask=None, and_mask_function=document_mask_function(ids))
+    if "block_sequence_ids" in inspect.signature(original).parameters:
+        blocks = torch.tensor([_PROBE_BLOCKS])
+        kwargs["block_sequence_ids"] = _blocks_within_documents(blocks, ids)
+        allowed |= (blocks[0][:, None] == blocks[0][None, :]) & (blocks[0][:, None] >= 0)
+    expected = allowed & (ids[0][:, None] == ids[0][None, :])
+    mask = call_builder(builder, original, "sdpa", seq, **kwargs)
     require_result(
-        what,
+        builder_what(builder),
         mask,
         lambda m: (
             isinstance(m, torch.Tensor)
@@ -314,6 +341,9 @@ def configure_packing(attn_implementation: str = "sdpa") -> PatchSet:
     for builder, original in originals.items():
         _ORIGINALS[builder] = original
         _SIGNATURES[builder] = inspect.signature(original)
+        # Callers that adapt by signature (parameter_name, other packages' mask code) read it off the live
+        # builder; the pass-through forwards to `original`, so it declares exactly its parameters.
+        _PASSTHROUGHS[builder].__signature__ = _SIGNATURES[builder]
         patches.append(Patch(masking, builder, _PASSTHROUGHS[builder], contract=_builder_contract(builder)))
         for name, module in sorted(sys.modules.items()):
             if name.startswith("transformers.models.") and module is not None:
