@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import am_attention as A
 from am_attention.reference import ReferenceDotProductAttention
@@ -128,7 +129,7 @@ def test_local_import_module_is_skipped_with_warning():
                 self.k_proj = torch.nn.Linear(32, 32)
                 self.v_proj = torch.nn.Linear(32, 32)
                 self.num_heads, self.head_dim = 4, 8
-                self.config = types.SimpleNamespace()
+                self.config = transformers.PretrainedConfig()
 
             def forward(self, x):
                 return x

@@ -1,7 +1,8 @@
 """Inject a DotProductAttention kernel into every compatible attention module of a HF model, and undo it.
 
 `inject_te_attention(model)` (1) registers the "te" backend in transformers' attention
-registries, (2) gives each compatible attention module its kernel (`module.attn_module`, kept
+registries, (2) gives each compatible attention module (layout read off the module, dispatch
+probed by calling its forward, see `te_probe`) its kernel (`module.attn_module`, kept
 out of `state_dict` and `parameters()` because it is stored in the instance dict, not as a
 submodule) and its parameters, (3) points the configs of those modules at `attn_implementation="te"`
 and (4) sets `model._te_attention_injected`. Every step is a `Patch`; `remove_te_attention(model)`
@@ -11,11 +12,8 @@ the same decisions without changing anything.
 
 from __future__ import annotations
 
-import copy
-import dis
 import importlib.util
 import inspect
-import itertools
 import logging
 import sys
 import warnings
@@ -26,10 +24,11 @@ from typing import Any
 import torch
 
 from . import te_backend
-from ._contract import contract_error, qualified_name, require_parameters, require_result
+from ._contract import contract_error, require_parameters, require_result
 from ._patch import Patch, PatchSet
 from .te_backend import KERNEL_ATTR, PARAMS_ATTR, TE_ATTN_IMPLEMENTATION
 from .te_params import AttnParams, check_attention_module
+from .te_probe import CONFIG_ATTR, check_dispatch, selecting_config
 
 __all__ = [
     "TEAttentionHandle",
@@ -43,7 +42,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODEL_FLAG = "_te_attention_injected"
-_CONFIG_ATTR = "_attn_implementation_internal"
 
 
 class _InstanceDictPatch(Patch):
@@ -118,14 +116,17 @@ def plan_te_attention(model: torch.nn.Module) -> list[tuple[str, bool, str]]:
         if params is None:
             plan.append((name, False, reason))
             continue
-        if params.window_size[0] >= 0:
-            reason = f"causal, sliding window {params.window_size[0] + 1}"
-        else:
-            reason = "causal" if getattr(module, "is_causal", True) else "no_mask"
-        if getattr(module, "config", None) is None:
-            plan.append((name, False, "config: module has no config to select the 'te' backend"))
+        try:
+            skip = _dispatch_verdict(module, params)
+        except RuntimeError as exc:  # inject_te_attention raises this before changing anything
+            plan.append((name, False, f"refused: {exc}"))
             continue
-        plan.append((name, True, reason))
+        if skip:
+            plan.append((name, False, skip))
+        elif params.window_size[0] >= 0:
+            plan.append((name, True, f"causal, sliding window {params.window_size[0] + 1}"))
+        else:
+            plan.append((name, True, "causal" if getattr(module, "is_causal", True) else "no_mask"))
     return plan
 
 
@@ -149,7 +150,11 @@ def inject_te_attention_into_module(
     *,
     dot_product_attention_cls: Callable[..., torch.nn.Module] | None = None,
 ) -> bool:
-    """Give one HF attention module its kernel; True on success, False when its layout does not fit.
+    """Give one HF attention module its kernel; True on success, False when it cannot take it.
+
+    False silently when its layout does not fit, with a warning when its forward does not dispatch
+    through the attention interface (probed); raises before any change when the forward dispatches
+    but drops what the kernel path needs (see `te_probe.check_dispatch`).
 
     The module runs the kernel once its config selects `attn_implementation="te"`, which
     `inject_te_attention(model)` does; undone by `remove_te_attention` on any model containing it.
@@ -158,12 +163,13 @@ def inject_te_attention_into_module(
         return True
     if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
         return False
-    params, reason = check_attention_module(module)
+    params, _ = check_attention_module(module)
     if params is None:
-        if reason.startswith("dispatch"):
-            warnings.warn(f"TE attention skips {type(module).__name__}: {reason}", UserWarning, stacklevel=2)
         return False
-    _module_contract(module, params)
+    skip = _dispatch_verdict(module, params)
+    if skip:
+        warnings.warn(f"TE attention skips {type(module).__name__}: {skip}", UserWarning, stacklevel=2)
+        return False
     cls = dot_product_attention_cls or default_dot_product_attention_cls()
     kernel = _make_kernel(cls, params)
     patches = PatchSet(
@@ -177,43 +183,15 @@ def inject_te_attention_into_module(
 
 def _config_contract(config: Any) -> Callable[[Any], None]:
     def check(_live: Any) -> None:
-        if _CONFIG_ATTR not in vars(config):
-            raise contract_error(
-                f"{type(config).__qualname__}.{_CONFIG_ATTR}",
-                "configs no longer store the attention backend there",
-            )
-        # Writing the stored field must select the backend the modeling code reads; probe on a copy.
-        probe = copy.copy(config)
-        setattr(probe, _CONFIG_ATTR, TE_ATTN_IMPLEMENTATION)
-        read = getattr(probe, "_attn_implementation", None)
-        if read != TE_ATTN_IMPLEMENTATION:
-            raise contract_error(
-                f"{type(config).__qualname__}._attn_implementation",
-                f"does not read {_CONFIG_ATTR} (set to {TE_ATTN_IMPLEMENTATION!r} on a copy, it reads {read!r})",
-            )
+        # Writing the stored field must select the backend the modeling code reads; checked on a copy.
+        selecting_config(config, TE_ATTN_IMPLEMENTATION)
 
     return check
 
 
-# (class, its forward, its module's repeat_kv, windowed) combinations that passed `_module_contract`.
-_CHECKED_MODULES: set[tuple[Any, ...]] = set()
-
-
-def _mentions(code: Any, name: str) -> bool:
-    """`name` is an attribute/global the code reads, a string constant, or a keyword name it passes."""
-    if name in code.co_names:
-        return True
-    return any(c == name or (isinstance(c, tuple) and name in c) for c in code.co_consts)
-
-
-def _passes_var_keyword(code: Any, name: str) -> bool:
-    """The code unpacks its ``**name`` into a call (``f(..., **name)``)."""
-    instructions = list(dis.get_instructions(code))
-    for ins, following in itertools.pairwise(instructions):
-        if ins.opname.startswith("LOAD_FAST") and ins.argval == name:
-            if following.opname in ("DICT_MERGE", "DICT_UPDATE", "CALL_FUNCTION_EX"):
-                return True
-    return False
+# Verdicts of `check_dispatch` + the repeat_kv contract that did not raise ("" = takes the kernel, else why
+# not), per (class, its forward, its modeling module's repeat_kv, window, config class): one probe per class.
+_VERDICTS: dict[tuple[Any, ...], str] = {}
 
 
 def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
@@ -241,38 +219,30 @@ def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
     )
 
 
-def _module_contract(module: torch.nn.Module, params: AttnParams) -> None:
-    """What te_attention_forward relies on in a transformers attention module, checked before injecting.
+def _dispatch_verdict(module: torch.nn.Module, params: AttnParams) -> str:
+    """Empty when the module can take the kernel, else why it keeps SDPA; raises when a contract it relies on broke.
 
     Its forward must pass ``**kwargs`` (position_ids, cu_seq_lens_*) and, on windowed layers,
-    ``sliding_window`` to the attention interface; its modeling module's ``repeat_kv`` must keep the layout
-    the kernel path undoes.
+    ``sliding_window`` to the attention interface (a behaviour probe, see `te_probe`); its modeling
+    module's ``repeat_kv`` must keep the layout the kernel path undoes.
     """
     cls = type(module)
-    forward = getattr(cls, "forward", None)
     source = sys.modules.get(cls.__module__)
     repeat_kv = vars(source).get("repeat_kv") if source is not None else None
-    windowed = params.window_size[0] >= 0
-    key = (cls, forward, repeat_kv, windowed)
-    if key in _CHECKED_MODULES:
-        return
-    what = f"{qualified_name(cls)}.forward"
-    sig = require_parameters(forward, (), what)
-    var_keyword = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    if not var_keyword:
-        raise contract_error(
-            what, f"no longer accepts **kwargs {sig}, so position_ids/sliding_window cannot reach the backend"
-        )
-    code = getattr(inspect.unwrap(forward), "__code__", None)
-    if code is None or not _passes_var_keyword(code, var_keyword[0]):
-        raise contract_error(what, f"no longer passes **{var_keyword[0]} on to the attention interface")
-    if windowed and not _mentions(code, "sliding_window"):
-        raise contract_error(
-            what, "has a sliding window but no longer passes sliding_window to the attention interface"
-        )
-    if repeat_kv is not None:
-        _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
-    _CHECKED_MODULES.add(key)
+    key = (
+        cls,
+        getattr(cls, "forward", None),
+        repeat_kv,
+        params.window_size,
+        type(getattr(module, "config", None)),
+    )
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = check_dispatch(module, params)
+        if not verdict and repeat_kv is not None:
+            _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
+        _VERDICTS[key] = verdict
+    return verdict
 
 
 def _preflight(model: torch.nn.Module) -> None:
@@ -285,9 +255,8 @@ def _preflight(model: torch.nn.Module) -> None:
         if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
             continue  # injected already, or not ours to inject
         params, _ = check_attention_module(module)
-        if params is None:
-            continue
-        _module_contract(module, params)
+        if params is None or _dispatch_verdict(module, params):
+            continue  # keeps SDPA
         configs.setdefault(id(config), config)
     for config in configs.values():
         _config_contract(config)(None)
@@ -325,9 +294,9 @@ def inject_te_attention(
                 taken.append(name)
                 configs.setdefault(id(module.config), module.config)
         patches: list[Patch] = [
-            Patch(config, _CONFIG_ATTR, TE_ATTN_IMPLEMENTATION, contract=_config_contract(config))
+            Patch(config, CONFIG_ATTR, TE_ATTN_IMPLEMENTATION, contract=_config_contract(config))
             for config in configs.values()
-            if vars(config).get(_CONFIG_ATTR) != TE_ATTN_IMPLEMENTATION
+            if vars(config).get(CONFIG_ATTR) != TE_ATTN_IMPLEMENTATION
         ]
         if taken:
             patches.append(Patch(model, MODEL_FLAG, True))

@@ -1,14 +1,22 @@
-"""Read attention hyper-parameters off a Hugging Face attention module, without running it."""
+"""Read attention hyper-parameters off a Hugging Face attention module, without running it.
+
+Whether the module's forward hands the kernel what it needs is a behaviour question, probed by `te_probe`.
+"""
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttnParams", "check_attention_module", "infer_attn_params", "proj_out_features"]
+__all__ = [
+    "AttnParams",
+    "check_attention_module",
+    "infer_attn_params",
+    "proj_in_features",
+    "proj_out_features",
+]
 
 
 @dataclass(frozen=True)
@@ -22,20 +30,30 @@ class AttnParams:
     softmax_scale: float
 
 
-def proj_out_features(proj: torch.nn.Module | None) -> int | None:
-    """Output features of a projection: `out_features`, else `weight.shape[0]` (meta-safe), else a `.linear` child."""
+def _proj_features(proj: torch.nn.Module | None, attr: str, dim: int) -> int | None:
+    """`proj.<attr>`, else `weight.shape[dim]` (meta-safe), else the same of a `.linear` child."""
     if proj is None:
         return None
-    out = getattr(proj, "out_features", None)
-    if isinstance(out, int):
-        return out
+    value = getattr(proj, attr, None)
+    if isinstance(value, int):
+        return value
     weight = getattr(proj, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:
-        return int(weight.shape[0])
+        return int(weight.shape[dim])
     inner = getattr(proj, "linear", None)
     if isinstance(inner, torch.nn.Module) and inner is not proj:
-        return proj_out_features(inner)
+        return _proj_features(inner, attr, dim)
     return None
+
+
+def proj_out_features(proj: torch.nn.Module | None) -> int | None:
+    """Output features of a projection: `out_features`, else `weight.shape[0]` (meta-safe), else a `.linear` child."""
+    return _proj_features(proj, "out_features", 0)
+
+
+def proj_in_features(proj: torch.nn.Module | None) -> int | None:
+    """Input features of a projection: `in_features`, else `weight.shape[1]` (meta-safe), else a `.linear` child."""
+    return _proj_features(proj, "in_features", 1)
 
 
 def _int_attr(obj: object, *names: str) -> int | None:
@@ -67,7 +85,7 @@ def _window(module: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def check_attention_module(module: torch.nn.Module) -> tuple[AttnParams | None, str]:
-    """`(params, "ok")` when TE can take `module`, else `(None, reason)`; pure."""
+    """`(params, "ok")` when the module's layout fits the kernel, else `(None, reason)`; pure, runs nothing."""
     q, k, v = (getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj"))
     if not all(isinstance(p, torch.nn.Module) for p in (q, k, v)):
         return None, "layout: no separate q_proj/k_proj/v_proj"
@@ -100,24 +118,7 @@ def check_attention_module(module: torch.nn.Module) -> tuple[AttnParams | None, 
         scale = 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return None, f"scale: non-numeric scaling {scale!r}"
-    dispatch = _dispatch_reason(module)
-    if dispatch is not None:
-        return None, dispatch
     return AttnParams(num_heads, num_kv_heads, head_dim, window, float(scale)), "ok"
-
-
-def _dispatch_reason(module: torch.nn.Module) -> str | None:
-    """None when the module's forward dispatches through transformers' attention interface."""
-    forward = getattr(type(module), "forward", None)
-    code = getattr(forward, "__code__", None)
-    if code is None:
-        return "dispatch: forward has no Python code to inspect"
-    if "ALL_ATTENTION_FUNCTIONS" in code.co_names or "_attn_implementation" in code.co_names:
-        return None
-    source_module = sys.modules.get(type(module).__module__)
-    if source_module is not None and "scaled_dot_product_attention" in vars(source_module):
-        return "dispatch: local import of scaled_dot_product_attention"
-    return "dispatch: forward does not use transformers' attention interface"
 
 
 def infer_attn_params(module: torch.nn.Module) -> AttnParams | None:
