@@ -7,8 +7,9 @@ Three tables, one row per contract:
 - `PATCHERS` (bottom): each package's public patcher applied to a tiny model and reverted, with the
   exact original objects (identity) restored.
 
-Where a contract legitimately differs between the supported transformers versions (5.3, 5.5, newest
-5.x) the expectation is written down with `packaging.version`, never skipped. Every failure names the
+Where a contract legitimately differs between transformers minors, the expectation is written for each
+shape the object takes (told apart by what the installed object has, never by version number), never
+skipped. Every failure names the
 object, the package that relies on it and the installed transformers version.
 """
 
@@ -27,14 +28,11 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 from transformers import masking_utils, modeling_utils
 from transformers import modeling_flash_attention_utils as flash_utils
 
 from am_kernels._contract import RENAMED_PARAMETERS
 
-TF = Version(transformers.__version__)
-TF_5_5 = Version("5.5.0")
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 
@@ -302,16 +300,14 @@ def probe_get_unpad_data() -> None:
     indices, cu_seqlens, max_seqlen = flash_utils._get_unpad_data(torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert indices.tolist() == [0, 1, 3, 4, 5], f"indices {indices.tolist()}"
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 2, 5], f"cu_seqlens {cu_seqlens!r}"
-    # 5.5.x dropped the `.item()` (max_seqlen is a 0-d int32 tensor); 5.3 and the newest 5.x return an int.
-    # am-packing's replacement returns an int on every version; flash attention accepts both.
-    if TF_5_5 <= TF < Version("5.6"):
-        assert (
-            isinstance(max_seqlen, torch.Tensor)
-            and max_seqlen.ndim == 0
-            and not max_seqlen.is_floating_point()
-        ), f"max_seqlen {max_seqlen!r} (5.5.x returns a 0-d integer tensor)"
-    else:
-        assert isinstance(max_seqlen, int), f"max_seqlen {max_seqlen!r} (expected a Python int)"
+    # Some minors (5.4 to 5.13) return max_seqlen as a 0-d int32 tensor, the others as a Python int;
+    # am-packing's replacement returns an int on every version and flash attention accepts both.
+    tensor_form = (
+        isinstance(max_seqlen, torch.Tensor) and max_seqlen.ndim == 0 and not max_seqlen.is_floating_point()
+    )
+    assert isinstance(max_seqlen, int) or tensor_form, (
+        f"max_seqlen {max_seqlen!r} (an int or a 0-d int tensor)"
+    )
     assert int(max_seqlen) == 3, f"max_seqlen {max_seqlen!r} (expected 3)"
 
 
@@ -433,17 +429,21 @@ def _flash_dispatch_sees_support(model: Any) -> bool:
     return True
 
 
+def _legacy_flash_check() -> bool:
+    """The 5.3 form: an FA2-only dispatch check (`_flash_attn_2_can_dispatch`); 5.4+ have `_flash_attn_can_dispatch`."""
+    return hasattr(modeling_utils.PreTrainedModel, "_flash_attn_2_can_dispatch")
+
+
 def probe_flash_dispatch_flag() -> None:
-    """5.3 reads `_supports_flash_attn_2` in its FA2 check; 5.5+ read only `_supports_flash_attn` (the rename)."""
+    """The FA2-only check (5.3) reads `_supports_flash_attn_2`; the renamed check reads only `_supports_flash_attn`."""
     model = _LegacyFlagModel(transformers.PretrainedConfig())
-    if TF < TF_5_5:
-        assert hasattr(modeling_utils.PreTrainedModel, "_flash_attn_2_can_dispatch")
+    if _legacy_flash_check():
         assert _flash_dispatch_sees_support(model), (
-            "5.3's FA2 check should still honour _supports_flash_attn_2"
+            "the FA2-only check should still honour _supports_flash_attn_2"
         )
     else:
         assert hasattr(modeling_utils.PreTrainedModel, "_flash_attn_can_dispatch"), (
-            "5.5+ renamed the FA check"
+            "neither the FA2-only nor the renamed FA dispatch check exists"
         )
         assert not _flash_dispatch_sees_support(model), (
             "the FA check honours _supports_flash_attn_2 again; patch_legacy_flash_attn_flag assumes it reads "
@@ -544,17 +544,14 @@ def probe_layer_call_convention() -> None:
 
 
 def probe_cache_position_versions() -> None:
-    """5.3 requires cache_position (builders and layers); 5.5 keeps it optional; later versions may drop it."""
+    """cache_position: required by the builders (5.3), optional (5.4, 5.5) or gone; callers pass it only where
+    declared, so the contract is that a builder requiring it goes with layers that take it."""
     builder = inspect.signature(masking_utils.create_causal_mask).parameters.get("cache_position")
     layer = inspect.signature(_modeling("llama").LlamaDecoderLayer.forward).parameters.get("cache_position")
-    if TF < TF_5_5:
-        assert builder is not None and builder.default is inspect.Parameter.empty, (
-            "5.3 builders require cache_position"
-        )
-        assert layer is not None, "5.3 decoder layers take cache_position"
+    if builder is not None and builder.default is inspect.Parameter.empty:
+        assert layer is not None, "the builders require cache_position but decoder layers do not take it"
     else:
         assert builder is None or builder.default is None, f"cache_position must be optional, got {builder}"
-        assert layer is None, "5.5+ decoder layers no longer take cache_position"
 
 
 def probe_rotary_constructor() -> None:
@@ -657,10 +654,8 @@ def probe_rope_parameters() -> None:
 def probe_gemma4_versions() -> None:
     """Gemma4 exists from 5.5; its layer takes (hidden, per_layer_input, shared_kv_states=...)."""
     spec = importlib.util.find_spec("transformers.models.gemma4")
-    if TF < TF_5_5:
-        assert spec is None, "5.3 was not expected to ship Gemma4"
+    if spec is None:  # older minors (5.3, 5.4) ship no Gemma4; its tests skip with the reason
         return
-    assert spec is not None, "Gemma4 is missing from a 5.5+ transformers"
     layer = inspect.signature(importlib.import_module("transformers.models.gemma4.modeling_gemma4")
                               .Gemma4TextDecoderLayer.forward)  # fmt: skip
     names = list(layer.parameters)
@@ -882,7 +877,7 @@ def patcher_legacy_flash_attn_flag() -> None:
     finally:
         unpatch_legacy_flash_attn_flag()
     assert vars(modeling_utils.PreTrainedModel)["_supports_flash_attn"] is original
-    assert _flash_dispatch_sees_support(model) is (TF < TF_5_5)
+    assert _flash_dispatch_sees_support(model) is _legacy_flash_check()
 
 
 def patcher_patch_hf_model_for_pp() -> None:
