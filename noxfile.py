@@ -21,9 +21,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import urllib.request
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nox
@@ -219,7 +221,10 @@ def contracts(session: nox.Session, transformers: str) -> None:
 
 
 def _failed_packages(junit: Path) -> tuple[set[str], int]:
-    """Packages named by the failing tests of a junit report (all five when a failure names none)."""
+    """Packages named by the failing tests of a junit report (all five when a failure names none, or when
+    pytest wrote no report)."""
+    if not junit.is_file():
+        return set(SUPPORT_COLUMNS), 0
     failed: set[str] = set()
     root = ET.parse(junit).getroot()
     cases = list(root.iter("testcase"))
@@ -237,32 +242,67 @@ SUPPORT_COLUMNS = ("am-attention", "am-packing", "am-precision", "am-pipelining"
 SUPPORT_TABLE = ROOT / "docs" / "transformers-support.md"
 
 
+MINOR_WORKERS = 2  # one per core: each minor's pytest runs single-threaded
+
+
+def _run_minors(python: Path, versions: list[str], reports: Path) -> None:
+    """Swap transformers to each version in the venv of `python` and run the minor suite; logs to `reports`."""
+    uv = shutil.which("uv") or "uv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for version in versions:
+        subprocess.run(
+            [uv, "pip", "install", "-q", "--python", str(python), f"transformers=={version}"],
+            check=True,
+            env=env,
+        )
+        with (reports / f"minor-{version}.log").open("w") as log:
+            subprocess.run(
+                [str(python), "-m", "pytest", "tests/contracts", "tests/minors", "-q", "-p", "no:cacheprovider",
+                 f"--junitxml={reports / f'minor-{version}.xml'}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+
+
 @nox.session
 def minors(session: nox.Session) -> None:
     """Contracts and an exactness smoke on every published transformers 5.x minor (latest patch of each).
 
-    One venv; transformers is swapped per minor. Writes the minor x package table to
-    docs/transformers-support.md and fails when any cell fails.
+    MINOR_WORKERS venvs (the session's and one more), transformers swapped per minor, run side by side.
+    Writes the minor x package table to docs/transformers-support.md and fails when any cell fails.
     """
     minors_found = published_minors()
-    session.log("transformers minors on the index: " + ", ".join(minors_found.values()))
+    versions = list(minors_found.values())
+    session.log("transformers minors on the index: " + ", ".join(versions))
     args: list[str] = []
     for package in PACKAGES:
         args += _editable(package)
-    first = next(iter(minors_found.values()))
-    session.install(*args, f"transformers=={first}", _locked_torch(), "pytest", "hypothesis")
-    reports = Path(session.create_tmp()).resolve()
+    requirements = [*args, f"transformers=={versions[0]}", _locked_torch(), "pytest", "hypothesis"]
+    session.install(*requirements)
+    tmp = Path(session.create_tmp()).resolve()
+    reports = tmp / "reports"
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir()
+    pythons = [Path(session.virtualenv.location) / "bin" / "python"]
+    for worker in range(1, MINOR_WORKERS):
+        venv = tmp / f"worker-{worker}"
+        session.run(
+            "uv", "venv", "-q", "--allow-existing", "--python", str(pythons[0]), str(venv), external=True
+        )
+        pythons.append(venv / "bin" / "python")
+        session.run("uv", "pip", "install", "-q", "--python", str(pythons[-1]), *requirements, external=True)
+    with ThreadPoolExecutor(len(pythons)) as pool:
+        chains = [
+            pool.submit(_run_minors, py, versions[i :: len(pythons)], reports) for i, py in enumerate(pythons)
+        ]
+        for chain in chains:
+            chain.result()
     rows: list[tuple[str, str, set[str], int]] = []
     for minor, version in minors_found.items():
-        session.install(f"transformers=={version}")
-        junit = reports / f"minor-{version}.xml"
-        session.run(
-            "pytest", "tests/contracts", "tests/minors", "-q", "-p", "no:cacheprovider",
-            f"--junitxml={junit}", *session.posargs, success_codes=[0, 1],
-        )  # fmt: skip
-        failed, count = _failed_packages(junit)
+        failed, count = _failed_packages(reports / f"minor-{version}.xml")
         rows.append((minor, version, failed, count))
         session.log(f"transformers {version}: {count} tests, failing packages: {sorted(failed) or 'none'}")
+        if failed:
+            session.log((reports / f"minor-{version}.log").read_text()[-6000:])
     _write_support_table(rows)
     broken = [f"{version} ({', '.join(sorted(failed))})" for _, version, failed, _ in rows if failed]
     if broken:
