@@ -9,6 +9,7 @@ import torch
 from am_pipelining import (
     create_pipeline_forward_gemma4_text,
     create_pipeline_forward_gemma4_vlm,
+    get_pipeline_problems,
     split_model_into_stages,
 )
 from am_pipelining._contract import transformers_version
@@ -172,3 +173,106 @@ def test_3d_positions_rejected_for_non_mrope_models():
     stage = split_model_into_stages(tm.build("llama"), 2)[0]
     with pytest.raises(ValueError, match=r"\[3, batch, seq\].*\(3, 2, 12\)"):
         stage(torch.ones(2, 12, dtype=torch.long), position_ids=torch.arange(12).expand(3, 2, -1))
+
+
+def _changed_layer_types(model) -> None:
+    config = model.config
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+
+
+def test_layer_types_changed_after_build_are_refused_or_exact():
+    # transformers 5.3 decoders pick each layer's mask by the type the layer recorded when it was
+    # built, 5.5+ by config.layer_types at call time. After the config changed, a stage forward cannot
+    # know which one the installed decoder reads: it refuses where layers recorded a type that now
+    # disagrees, and follows config.layer_types (as the decoder does) where they recorded none.
+    model = tm.build("qwen2_sliding")
+    _changed_layer_types(model)
+    ids, _ = _inputs("qwen2_sliding")
+    recorded = [getattr(layer, "attention_type", None) for layer in model.model.layers]
+    if any(t is not None for t in recorded):
+        match = r"'qwen2'.*layer 2 was built as 'sliding_attention'.*config\.layer_types\[2\].*rebuild"
+        with pytest.raises(ValueError, match=match):
+            split_model_into_stages(model, 2)
+        assert any("rebuild the model" in p for p in get_pipeline_problems(model, num_stages=2))
+        return
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        out = _chain(split_model_into_stages(model, 2), ids, {})
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_layer_records_are_used_when_the_config_has_no_layer_types():
+    # Mixed full/sliding Qwen2 whose config lost `layer_types`: where the decoder still runs (5.3, from
+    # the types its layers recorded), the stages follow those records, not a sliding_window guess.
+    model = tm.build("qwen2_sliding")
+    ids, _ = _inputs("qwen2_sliding")
+    model.config.layer_types = None
+    with torch.no_grad():
+        try:
+            ref = model(input_ids=ids, use_cache=False).logits
+        except TypeError:
+            pytest.skip(f"transformers {transformers_version()}'s Qwen2 decoder needs config.layer_types")
+        out = _chain(split_model_into_stages(model, 2), ids, {})
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def _gemma3_image_inputs():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(20, tm.VOCAB, (2, 12), generator=g)
+    ids[:, 2:6] = tm.IMAGE_TOKEN
+    return ids, (ids == tm.IMAGE_TOKEN).long(), torch.randn(2, 3, 32, 32, generator=g)
+
+
+def test_gemma3_vlm_text_equals_unsplit_and_image_inputs_are_refused():
+    model = tm.build("gemma3_vlm")
+    ids, _ = _inputs("gemma3_vlm")
+    stages = split_model_into_stages(model, 2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(_chain(stages, ids, {}), ref, atol=ATOL, rtol=0)
+        image_ids, token_type_ids, pixel_values = _gemma3_image_inputs()
+        with_types = model(input_ids=image_ids, pixel_values=pixel_values, token_type_ids=token_type_ids)
+        without = model(input_ids=image_ids, pixel_values=pixel_values)
+        # control: the unsplit model attends bidirectionally over the image tokens marked by token_type_ids
+        assert (with_types.logits - without.logits).abs().max() > 1e-3
+        hidden = stages[0](image_ids)
+    refused = r"Gemma3ForConditionalGeneration \(model_type 'gemma3'\) was given {}.*{}"
+    for stage, x in ((stages[0], image_ids), (stages[1], hidden)):
+        with pytest.raises(ValueError, match=refused.format("token_type_ids", "bidirectional")):
+            stage(x, token_type_ids=token_type_ids)
+        with pytest.raises(ValueError, match=refused.format("pixel_values", "vision")):
+            stage(x, pixel_values=pixel_values)
+    stages[1](hidden, token_type_ids=None)  # None is what the stages apply anyway
+
+
+def test_qwen2_vl_vision_inputs_are_refused_not_dropped():
+    stage = split_model_into_stages(tm.build("qwen2_vl"), 2)[0]
+    ids, _ = _inputs("qwen2_vl")
+    for name, value in (
+        ("pixel_values", torch.randn(16, 48)),
+        ("image_grid_thw", torch.tensor([[1, 4, 4]])),
+    ):
+        with pytest.raises(ValueError, match=rf"\(model_type 'qwen2_vl'\) was given {name}"):
+            stage(ids, **{name: value})
+
+
+def test_mistral3_vision_feature_layer_is_applied():
+    model = tm.build("mistral3")
+    ids, extra = _inputs("mistral3")
+    stages = split_model_into_stages(model, 2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False, vision_feature_layer=-2, **extra).logits
+        default = model(input_ids=ids, use_cache=False, **extra).logits
+        out = _chain(stages, ids, {**extra, "vision_feature_layer": -2})
+    assert (ref - default).abs().max() > 1e-4  # the layer choice changes the numbers
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not tm.has_gemma4(), reason="no gemma4 in this transformers")
+def test_gemma4_vlm_inputs_it_does_not_apply_are_refused():
+    stage = split_model_into_stages(tm.build("gemma4_vlm"), 2)[0]
+    ids, _ = _inputs("gemma4_vlm")
+    with pytest.raises(
+        ValueError, match=r"\(model_type 'gemma4'\) was given mm_token_type_ids.*bidirectional"
+    ):
+        stage(ids, mm_token_type_ids=torch.zeros_like(ids))

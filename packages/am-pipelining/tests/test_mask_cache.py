@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from am_pipelining import CausalMaskCache, build_causal_mask_mapping, pp_mask_cache, split_model_into_stages
+from am_pipelining import CausalMaskCache, pp_mask_cache, split_model_into_stages
+from am_pipelining.mask_cache import build_causal_mask_mapping
 
 
 def _cfg():

@@ -72,3 +72,16 @@ def test_contracts_never_read_bytecode():
     sources = sorted(Path(am_pipelining.__file__).parent.glob("*.py"))
     offenders = [p.name for p in sources if pattern.search(p.read_text())]
     assert sources and not offenders, offenders
+
+
+def test_failed_unpatch_changes_nothing_and_can_be_retried():
+    model = tm.build("llama")
+    patch_hf_model_for_pp(model)
+    ours, inner = vars(model)["forward"], vars(model.model)["forward"]
+    model.forward = lambda *a, **k: None  # someone patched over ours
+    with pytest.raises(RuntimeError, match="something else was patched over it"):
+        unpatch_hf_model_for_pp(model)
+    assert vars(model.model)["forward"] is inner  # checked before anything was restored
+    model.forward = ours
+    unpatch_hf_model_for_pp(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.model)

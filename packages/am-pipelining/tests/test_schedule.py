@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from am_pipelining import SCHEDULES, stage_indices_for_rank
-from am_pipelining.schedule import _schedule_class
+from am_pipelining import SCHEDULES
+from am_pipelining.schedule import _schedule_class, stage_indices_for_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker

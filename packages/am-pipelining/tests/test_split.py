@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from am_pipelining import cut_stage, get_stage_plan, split_layer_ranges, split_model_into_stages
+from am_pipelining import get_stage_plan, split_model_into_stages
+from am_pipelining.split import cut_stage, plan_stages, split_layer_ranges
 
 
 @settings(max_examples=50, deadline=None)
@@ -34,8 +35,10 @@ def test_ranges_are_contiguous_nonempty_and_cover(costs, data):
 def test_ranges_reject_bad_stage_counts():
     with pytest.raises(ValueError, match="exceeds"):
         split_layer_ranges([1, 1], 3)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="num_stages must be >= 1"):
         split_layer_ranges([1, 1], 0)
+    with pytest.raises(TypeError, match="num_stages must be an int"):
+        split_layer_ranges([1, 1], 1.0)
 
 
 def test_head_cost_moves_layers_to_earlier_stages():
@@ -62,7 +65,7 @@ def test_plan_works_on_meta_models():
     import transformers as tf
 
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**tm._common(num_hidden_layers=6)))
+        model = tf.LlamaForCausalLM(tm.config("llama", layers=6))
     plan = get_stage_plan(model, 3)
     assert sum(n.startswith("model.layers.") for p in plan for n in p) == 6
 
@@ -75,10 +78,13 @@ def test_cut_removes_unowned_parts_and_keeps_names():
     assert last.model.language_model.embed_tokens is None and last.model.vision_tower is None
     owned = [set(dict(s.named_parameters())) for s in (first, last)]
     assert not owned[0] & owned[1] and owned[0] | owned[1] == set(names)
-    assert (
-        sorted(last.model.language_model.layers.keys()) == ["2", "3"]
-        or len(last.model.language_model.layers) >= 1
-    )
+    # the planned split (parameter-balanced with the head on the last stage) is what the cutter did
+    planned = get_stage_plan(model, 2)
+    for stage, names in zip((first, last), planned):
+        held = [f"model.language_model.layers.{k}" for k in stage.model.language_model.layers.keys()]
+        assert held == [n for n in names if ".layers." in n] and held
+    assert list(first.model.language_model.layers.keys()) == ["0", "1"]
+    assert list(last.model.language_model.layers.keys()) == ["2", "3"]
     # the input model is untouched
     assert len(model.model.language_model.layers) == 4 and model.lm_head is not None
 
@@ -178,3 +184,23 @@ def test_split_refuses_a_handle_holding_methods_bound_to_dropped_modules():
     ):
         split_model_into_stages(model, 2, stage_index=0)
     assert split_model_into_stages(model, 2, stage_index=1)._handle.patched[0].__self__ is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral3", "qwen2_vl"])
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_plan_partitions_the_parameters_and_the_cutter_follows_it(arch, num_stages):
+    model = tm.build(arch)
+    names = [n for n, _ in model.named_parameters()]
+
+    def under(prefixes):
+        return {n for n in names if any(n.startswith(p + ".") for p in prefixes)}
+
+    plans = plan_stages(model, num_stages)
+    assert [i for p in plans for i in p.layers] == list(range(4))
+    owned = [under(p.owned) for p in plans]
+    for plan, mine in zip(plans, owned):
+        assert not set(plan.owned) & set(plan.dropped)
+        assert mine | under(plan.dropped) == set(names)  # every parameter is owned or dropped
+    assert sum(len(o) for o in owned) == len(names)  # ... and owned by exactly one stage
+    for mine, stage in zip(owned, split_model_into_stages(model, num_stages)):
+        assert {n for n, _ in stage.named_parameters()} == mine

@@ -9,10 +9,10 @@ from .forwards import (
     create_pipeline_forward_mistral3_vlm,
 )
 from .introspect import MULTIMODAL_SUFFIXES, TEXT_MODULE_ATTRS, get_text_module, model_keeps_self_forward
-from .mask_cache import CausalMaskCache, build_causal_mask_mapping
+from .mask_cache import CausalMaskCache
 from .patch import patch_hf_model_for_pp, pp_mask_cache, unpatch_hf_model_for_pp
-from .schedule import SCHEDULES, PipelineRun, build_pipeline, pipeline_train_step, stage_indices_for_rank
-from .split import cut_stage, get_stage_plan, plan_layer_ranges, split_layer_ranges, split_model_into_stages
+from .schedule import SCHEDULES, PipelineRun, build_pipeline, pipeline_train_step
+from .split import get_stage_plan, split_model_into_stages
 from .validate import get_pipeline_problems, validate_hf_model_for_pipeline_support
 from .version import __version__
 
@@ -23,14 +23,12 @@ __all__ = [
     "CausalMaskCache",
     "PipelineRun",
     "__version__",
-    "build_causal_mask_mapping",
     "build_pipeline",
     "create_pipeline_forward_causal_lm",
     "create_pipeline_forward_gemma4_text",
     "create_pipeline_forward_gemma4_vlm",
     "create_pipeline_forward_inner",
     "create_pipeline_forward_mistral3_vlm",
-    "cut_stage",
     "get_pipeline_problems",
     "get_stage_plan",
     "get_text_module",
@@ -38,11 +36,8 @@ __all__ = [
     "model_keeps_self_forward",
     "patch_hf_model_for_pp",
     "pipeline_train_step",
-    "plan_layer_ranges",
     "pp_mask_cache",
-    "split_layer_ranges",
     "split_model_into_stages",
-    "stage_indices_for_rank",
     "unpatch_hf_model_for_pp",
     "validate_hf_model_for_pipeline_support",
 ]

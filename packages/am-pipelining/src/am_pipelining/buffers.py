@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._args import require_device, require_module
 from ._contract import transformers_version
 
 
@@ -29,7 +30,8 @@ def init_hf_model_buffers(model: nn.Module, device: torch.device | str) -> None:
     `{layer_type}_inv_freq`); scaled word embeddings get `embed_scale` from `scalar_embed_scale`.
     Raises RuntimeError naming any non-persistent buffer still on meta afterwards.
     """
-    device = torch.device(device)
+    require_module(model, "init_hf_model_buffers")
+    device = require_device(device, "init_hf_model_buffers")
     for module in model.modules():
         buffers = dict(module.named_buffers(recurse=False))
         if any(b.endswith("inv_freq") for b in buffers) and getattr(module, "config", None) is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from ._args import require_module
 
 #: Attribute names under which VLM wrappers keep their text decoder (checked in this order).
 TEXT_MODULE_ATTRS: tuple[str, ...] = ("language_model", "text_model", "text_decoder")
@@ -22,15 +23,13 @@ MULTIMODAL_SUFFIXES: tuple[str, ...] = (
     "embed_audio",
 )
 
-#: Model types whose VLM wrapper gets a dedicated pipeline forward.
-PP_VLM_MODEL_TYPES_WITH_DEDICATED_FORWARD: tuple[str, ...] = ("gemma4", "mistral3")
-
 #: Class or instance attribute that opts a model out of forward patching (its forward is already PP-aware).
 KEEP_SELF_FORWARD_ATTR = "_pp_keep_self_forward"
 
 
 def get_text_module(model: nn.Module) -> nn.Module:
     """Return the nested text/LLM module if present, else the model itself."""
+    require_module(model, "get_text_module")
     for attr in TEXT_MODULE_ATTRS:
         sub = getattr(model, attr, None)
         if isinstance(sub, nn.Module):
@@ -44,6 +43,7 @@ def model_keeps_self_forward(model: nn.Module) -> bool:
     A model opts out by setting `_pp_keep_self_forward = True` (class or instance), typically because
     its own forward already reads stage-0 inputs such as pixel values from a side channel.
     """
+    require_module(model, "model_keeps_self_forward")
     return getattr(model, KEEP_SELF_FORWARD_ATTR, False) is True
 
 
@@ -119,10 +119,3 @@ def owned_layers(decoder: nn.Module) -> list[tuple[int, nn.Module]]:
         return [(int(k), layer) for k, layer in layers.items()]
     n = getattr(getattr(decoder, "config", None), "num_hidden_layers", len(layers))
     return list(enumerate(layers))[:n]
-
-
-def first_param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return default

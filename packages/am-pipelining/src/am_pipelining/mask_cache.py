@@ -123,6 +123,11 @@ class CausalMaskCache:
         self.hits = 0
         self.builds = 0
 
+    def __reduce__(self) -> tuple:
+        # A copy (deepcopy, pickle, torch.save) starts empty: masks are derived data, and the key holds
+        # the builder functions, which need not pickle (a patched builder may be a local function).
+        return (CausalMaskCache, ())
+
     def clear(self) -> None:
         self._key = None
         self._position_ids = None

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._args import require_device, require_int, require_module
 from .split import split_model_into_stages
 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved1f1b")
 
 
 def _schedule_class(name: str):
+    if not isinstance(name, str):
+        raise TypeError(f"schedule must be a str (one of {SCHEDULES}), got {type(name).__name__}")
     from torch.distributed.pipelining import schedules
 
     table = {
@@ -42,7 +45,6 @@ class PipelineRun:
     schedule: Any
     stage_indices: list[int]
     num_stages: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_first(self) -> bool:
@@ -73,16 +75,25 @@ def build_pipeline(
     """
     from torch.distributed.pipelining import PipelineStage
 
+    require_module(model, "build_pipeline")
+    world_size = require_int(world_size, "build_pipeline", "world_size", minimum=1)
+    rank = require_int(rank, "build_pipeline", "rank", minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"build_pipeline: rank must be in [0, world_size={world_size}), got {rank}")
+    require_int(n_microbatches, "build_pipeline", "n_microbatches", minimum=1)
+    if not callable(loss_fn):
+        raise TypeError(f"build_pipeline: loss_fn must be callable, got {type(loss_fn).__name__}")
     key, cls = _schedule_class(schedule)
     if stages_per_rank is None:
         stages_per_rank = 2 if key == "interleaved1f1b" else 1
+    stages_per_rank = require_int(stages_per_rank, "build_pipeline", "stages_per_rank", minimum=1)
     if key != "interleaved1f1b" and stages_per_rank != 1:
         raise ValueError(
             f"schedule {schedule!r} runs one stage per rank, got stages_per_rank={stages_per_rank}"
         )
     num_stages = world_size * stages_per_rank
     indices = stage_indices_for_rank(rank, world_size, stages_per_rank)
-    device = torch.device(device)
+    device = require_device(device, "build_pipeline")
     modules = []
     for s in indices:
         module = split_model_into_stages(model, num_stages, stage_index=s, layers_per_stage=layers_per_stage)
@@ -108,6 +119,10 @@ def pipeline_train_step(
     into the stage modules scaled by 1/n_microbatches (the schedule's default), i.e. the gradient of
     the mean microbatch loss. Returns None on ranks without the last stage.
     """
+    if not isinstance(run, PipelineRun):
+        raise TypeError(
+            f"pipeline_train_step: run must be the PipelineRun of build_pipeline, got {type(run).__name__}"
+        )
     losses: list[torch.Tensor] = []
     args = (input_ids,) if run.has_first else ()
     tgt = target if run.has_last else None

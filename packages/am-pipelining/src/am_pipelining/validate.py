@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .forwards import layer_type_of
+from ._args import require_int, require_module
 from .introspect import get_decoder, get_text_config, is_vlm, model_type
 from .mask_cache import _MASK_FUNCTIONS
+from .run_layers import stage_layer_types
 
 
 def _tied(model: nn.Module) -> bool:
@@ -22,14 +23,21 @@ def _tied(model: nn.Module) -> bool:
 
 
 def get_pipeline_problems(model: nn.Module, *, num_stages: int | None = None) -> list[str]:
-    """Everything that stops `model` from being pipelined (empty list = compatible). Never raises."""
+    """Everything that stops `model` from being pipelined (empty list = compatible).
+
+    Never raises for a model: what is wrong with it is a problem in the list. A `num_stages` that is
+    not an int (or None) raises TypeError naming it.
+    """
+    if num_stages is not None:
+        num_stages = require_int(num_stages, "get_pipeline_problems", "num_stages")
     if not isinstance(model, nn.Module):
-        return [f"expected a torch.nn.Module, got {type(model).__name__}"]
+        return [f"model must be a torch.nn.Module, got {type(model).__name__}"]
     problems: list[str] = []
     config = getattr(model, "config", None)
     if config is None:
         return [
-            f"{type(model).__name__} has no `config`; pipeline support needs a Hugging Face PreTrainedModel"
+            f"model ({type(model).__name__}) has no `config`; pipeline support needs a Hugging Face "
+            "PreTrainedModel"
         ]
     text_config = get_text_config(model)
 
@@ -57,9 +65,12 @@ def get_pipeline_problems(model: nn.Module, *, num_stages: int | None = None) ->
         problems.append(str(exc))
         return problems
     n_layers = len(decoder.layers)
-    bad_types = sorted(
-        {layer_type_of(decoder.config, i) for i in range(n_layers)} - set(_MASK_FUNCTIONS), key=str
-    )
+    try:
+        layer_types = set(stage_layer_types(decoder).values())
+    except ValueError as exc:  # the config's layer types disagree with what the layers were built as
+        problems.append(str(exc))
+        layer_types = set()
+    bad_types = sorted(layer_types - set(_MASK_FUNCTIONS), key=str)
     if bad_types:
         problems.append(
             f"layer types {bad_types} have no causal-mask builder in the pipeline forwards "
@@ -89,8 +100,7 @@ def get_pipeline_problems(model: nn.Module, *, num_stages: int | None = None) ->
 
 def validate_hf_model_for_pipeline_support(model: nn.Module, *, num_stages: int | None = None) -> None:
     """Raise ValueError listing what to change when `model` cannot be pipelined."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    require_module(model, "validate_hf_model_for_pipeline_support")
     problems = get_pipeline_problems(model, num_stages=num_stages)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
