@@ -293,3 +293,57 @@ def test_patch_over_a_foreign_forward_wrapper_keeps_its_signature(tiny, torch_op
     assert vars(model)["forward"] is wrapper
     unpatch_sdpa_backends(model)
     kit.assert_same_state(pristine, kit.instance_state(model))
+
+
+def _owned_by(name, returns):
+    """An instance forward marked as another am-* package's, as am-pipelining installs one per stage."""
+    from am_kernels._patch import mark
+
+    def forward(*args, **kwargs):
+        return returns
+
+    return mark(forward, name)
+
+
+@pytest.mark.parametrize(
+    ("where", "marker"),
+    [("model", "am_pipelining.pipeline_forward_inner"), ("", "am_pipelining.pipeline_forward_outer")],
+    ids=["base-model", "head"],
+)
+def test_fused_loss_names_another_am_forward_in_the_way(tiny, torch_ops, kit, where, marker):
+    model = tiny("llama")
+    target = model.get_submodule(where)
+    target.forward = _owned_by(marker, torch.zeros(1))
+    pristine = kit.instance_state(model)
+    with pytest.raises(
+        ValueError, match=rf"owned by the am_pipelining patch '{marker}'.*fused_linear_cross_entropy=False"
+    ):
+        patch_liger_kernel(model, ops=torch_ops)
+    kit.assert_same_state(pristine, kit.instance_state(model))
+    # The other kernels still apply.
+    patch_liger_kernel(model, ops=torch_ops, fused_linear_cross_entropy=False)
+    assert model.model.norm._get_name() == "LigerRMSNorm" and patch_name(vars(target)["forward"]) == marker
+    unpatch_liger_kernel(model)
+    kit.assert_same_state(pristine, kit.instance_state(model))
+    del target.forward
+
+
+@pytest.mark.parametrize(
+    ("path", "flag"),
+    [("model.layers.0.self_attn", "rope"), ("model.norm", "rms_norm"), ("model.layers.1.mlp", "swiglu")],
+)
+def test_kernels_that_replace_the_whole_forward_refuse_an_instance_forward(tiny, torch_ops, kit, path, flag):
+    from torch.nn.attention import SDPBackend
+
+    from am_kernels import patch_sdpa_backends, unpatch_sdpa_backends
+
+    model = tiny("llama")
+    module = model.get_submodule(path)
+    patch_sdpa_backends(module, [SDPBackend.MATH])
+    pristine = kit.instance_state(model)
+    try:
+        with pytest.raises(ValueError, match=rf"{path} .*am_kernels.sdpa_backends.*{flag}=False"):
+            patch_liger_kernel(model, ops=torch_ops)  # before: the pin was silently replaced
+        kit.assert_same_state(pristine, kit.instance_state(model))
+    finally:
+        unpatch_sdpa_backends(module)

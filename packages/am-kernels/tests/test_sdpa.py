@@ -148,3 +148,130 @@ def test_composes_with_liger_in_either_undo_order(tiny, torch_ops, kit):
     unpatch_liger_kernel(model)
     unpatch_sdpa_backends(model)
     kit.assert_same_state(pristine, kit.instance_state(model))
+
+
+def _halve(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+
+
+def _math_logits(model):
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([SDPBackend.MATH]):
+        return type(model).forward(model, IDS).logits
+
+
+def test_deepcopy_of_pinned_model_computes_with_its_own_weights(tiny, kit):
+    import copy
+
+    model = tiny("llama")
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    try:
+        clone = copy.deepcopy(model)
+        _halve(clone)
+        with torch.no_grad():
+            ours, theirs = model(IDS).logits, clone(IDS).logits
+        assert not torch.equal(ours, theirs)  # the copy computes with its own (halved) weights
+        torch.testing.assert_close(theirs, _math_logits(clone), rtol=0, atol=0)
+        assert vars(clone)["forward"].__self__ is clone and get_sdpa_backends(clone) == (SDPBackend.MATH,)
+        unpatch_sdpa_backends(clone)  # the copy's undo touches the copy only
+        assert "forward" not in vars(clone) and get_sdpa_backends(model) == (SDPBackend.MATH,)
+    finally:
+        unpatch_sdpa_backends(model)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_pickled_pinned_model_keeps_its_pin_and_computes_with_its_own_weights(tiny, how):
+    import io
+    import pickle
+
+    def roundtrip(obj):
+        if how == "pickle":
+            return pickle.loads(pickle.dumps(obj))
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    model = tiny("llama")
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    try:
+        loaded = roundtrip(model)
+        assert get_sdpa_backends(loaded) == (SDPBackend.MATH,) and vars(loaded)["forward"].__self__ is loaded
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+        _halve(loaded)
+        with torch.no_grad():
+            assert not torch.equal(loaded(IDS).logits, model(IDS).logits)
+        unpatch_sdpa_backends(loaded)
+        assert "forward" not in vars(loaded)
+        # The pin itself survives: EFFICIENT_ATTENTION has no CPU kernel, so the loaded forward must fail.
+        patch_sdpa_backends(loaded, [SDPBackend.EFFICIENT_ATTENTION])
+        again = roundtrip(loaded)
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            again(IDS)
+        unpatch_sdpa_backends(again)
+        again(IDS)
+    finally:
+        unpatch_sdpa_backends(model)
+
+
+def test_repin_under_liger_is_idempotent_or_refused_and_stays_visible(tiny, torch_ops, kit):
+    from am_kernels import patch_liger_kernel, unpatch_liger_kernel
+
+    model = tiny("llama")
+    pristine = kit.instance_state(model)
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        assert get_sdpa_backends(model) == (SDPBackend.MATH,)  # still pinned beneath Liger's forward
+        state = kit.instance_state(model)
+        assert patch_sdpa_backends(model, [SDPBackend.MATH]) is model  # the same pin again: a no-op
+        kit.assert_same_state(state, kit.instance_state(model))
+        with pytest.raises(
+            ValueError, match=r"pinned to \['MATH'\] beneath am_kernels.liger.fused_linear_cross"
+        ):
+            patch_sdpa_backends(model, [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+        kit.assert_same_state(state, kit.instance_state(model))
+        assert_same_signature(type(model).forward.__get__(model), model.forward)
+    finally:
+        unpatch_liger_kernel(model)
+        unpatch_sdpa_backends(model)
+    kit.assert_same_state(pristine, kit.instance_state(model))
+
+
+def test_pin_under_liger_holds_on_the_fused_training_path_and_in_a_deep_copy(tiny, torch_ops, kit):
+    import copy
+
+    from am_kernels import patch_liger_kernel, unpatch_liger_kernel
+
+    model = tiny("llama")
+    patch_sdpa_backends(model, [SDPBackend.EFFICIENT_ATTENTION])  # no CPU kernel: running pinned raises
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        model.train()
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            model(IDS, labels=IDS)  # the fused loss calls the base model itself, still inside the pin
+        model.eval()
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            model(IDS)
+    finally:
+        unpatch_liger_kernel(model)
+        unpatch_sdpa_backends(model)
+
+    ref = tiny("llama")
+    patch_sdpa_backends(model, [SDPBackend.MATH])
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        clone = copy.deepcopy(model)
+        _halve(clone)
+        ref.load_state_dict(clone.state_dict())
+        with torch.no_grad():  # eval goes through Liger's forward into the copy's own pinned forward
+            torch.testing.assert_close(clone(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+        assert get_sdpa_backends(clone) == (SDPBackend.MATH,)
+        unpatch_liger_kernel(clone)
+        unpatch_sdpa_backends(clone)
+        assert "forward" not in vars(clone)
+    finally:
+        unpatch_liger_kernel(model)
+        unpatch_sdpa_backends(model)

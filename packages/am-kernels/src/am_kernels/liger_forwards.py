@@ -8,6 +8,7 @@ torch bundle to check the glue numerically where Liger's Triton kernels cannot r
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from typing import Any
 
 import torch
 
+from ._repr import short_repr
 from .availability import require_liger_kernel
+from .sdpa import PinnedForward, sdpa_context
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class LigerOps:
     fused_linear_cross_entropy: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]  # (logits, target, ignore_index=, reduction=)
     source: str = "liger-kernel"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "source":
+                if not isinstance(value, str):
+                    raise TypeError(f"LigerOps.source must be a str, got {short_repr(value)}")
+            elif not callable(value):
+                raise TypeError(f"LigerOps.{field.name} must be callable, got {short_repr(value)}")
 
 
 def load_liger_ops() -> LigerOps:
@@ -71,15 +83,26 @@ def _single_input(original: Callable[..., Any]) -> Callable[[tuple[Any, ...], di
     return take
 
 
+def method_function(original: Any, module: Any) -> Any:
+    """The function behind `original` when it is bound to `module`, else None.
+
+    Bound means a `types.MethodType` (the class forward, or an instance-level replacement) or our
+    SDPA pin (`PinnedForward`, bound the same way but picklable); both rebind on `copy.deepcopy`.
+    """
+    if isinstance(original, (types.MethodType, PinnedForward)) and original.__self__ is module:
+        return original.__func__
+    return None
+
+
 def rebindable(original: Callable[..., Any], module: Any) -> Callable[..., Any]:
     """`original` as a function of `self`, so that a copy of `module` calls its own original forward.
 
-    A method bound to `module` (the class forward, or an instance-level replacement bound with
-    `types.MethodType`) is called through its `__func__` with whatever `self` the caller has.
-    Any other callable (a foreign closure) cannot be rebound and is called as it is.
+    A method bound to `module` (see `method_function`) is called through its `__func__` with whatever
+    `self` the caller has. Any other callable (a foreign closure) cannot be rebound and is called as it is.
     """
-    if isinstance(original, types.MethodType) and original.__self__ is module:
-        return original.__func__
+    function = method_function(original, module)
+    if function is not None:
+        return function
 
     def call_as_is(self: Any, *args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
@@ -108,11 +131,22 @@ def rms_norm_forward(
 
 
 def gated_mlp_forward(
-    original: Callable[..., Any], ops: LigerOps, *, kind: str
+    original: Callable[..., Any], ops: LigerOps, *, kind: str, layout: str = "gate_up_down"
 ) -> Callable[..., torch.Tensor]:
-    """Gated MLP forward: down(act(gate(x)) * up(x)) with the activation-multiply fused by Liger."""
+    """Gated MLP forward: down(act(gate(x)) * up(x)) with the activation-multiply fused by Liger.
+
+    `layout` "fused_gate_up" reads gate and up as the two halves of one `gate_up_proj` (Phi3, GLM4).
+    """
     take = _single_input(original)
     fused = {"swiglu": ops.swiglu, "geglu": ops.geglu}[kind]
+
+    if layout == "fused_gate_up":
+
+        def forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            gate, up = self.gate_up_proj(take(args, kwargs)).chunk(2, dim=-1)
+            return self.down_proj(fused(gate, up))
+
+        return forward
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = take(args, kwargs)
@@ -142,7 +176,9 @@ def fused_linear_ce_forward(
     ops: LigerOps,
     *,
     softcap_attr: str | None,
+    base_attr: str,
     cache_fields: tuple[str, str],
+    sdpa_backends: tuple[Any, ...] | None = None,
 ) -> Callable[..., Any]:
     """CausalLM forward that, when training with labels, skips the logits and fuses lm_head + CE.
 
@@ -150,6 +186,7 @@ def fused_linear_ce_forward(
     see `rebindable`), so the inference path is exactly transformers' own. `cache_fields` names
     the cache field of the base model's output and of `CausalLMOutputWithPast` as the installed
     classes declare it (`past_key_values`, or `cache` since 5.24), so no deprecated alias is read.
+    `sdpa_backends` (the head's SDPA pin) is entered around the base model call of the fused path.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -163,12 +200,22 @@ def fused_linear_ce_forward(
         arguments = sig.bind(*args, **kwargs).arguments
         extra = dict(arguments.get(var_kw, {}))
         labels = arguments.get("labels")
-        if not (self.training and (labels is not None or extra.get("shift_labels") is not None)):
+        wants_loss = labels is not None or extra.get("shift_labels") is not None
+        # MoE heads add the router's auxiliary loss to the loss, which the fused path does not compute.
+        router = arguments.get("output_router_logits", extra.get("output_router_logits"))
+        if router is None:
+            router = getattr(self.config, "output_router_logits", False)
+        if not (self.training and wants_loss) or router:
             return call_original(self, *args, **kwargs)
         return_dict = extra.pop("return_dict", None)
         shift_labels = extra.pop("shift_labels", None)
         base_inputs = {k: v for k, v in arguments.items() if k not in own}
-        outputs = getattr(self, self.base_model_prefix)(**base_inputs, **extra)
+        base = getattr(self, base_attr)
+        if sdpa_backends is None:
+            outputs = base(**base_inputs, **extra)
+        else:
+            with sdpa_context(sdpa_backends):
+                outputs = base(**base_inputs, **extra)
         hidden = outputs.last_hidden_state
         keep = arguments.get("logits_to_keep", 0)
         hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]

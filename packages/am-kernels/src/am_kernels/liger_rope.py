@@ -3,7 +3,8 @@
 The patch binds a copy of the attention class's forward whose global lookup of the rope name
 resolves to Liger's (`rebind.with_global`). Whether that copy really calls the replacement is
 decided by behaviour, not by reading bytecode: a probe copy, built the same way with a stand-in
-rope, is run on a tiny input, and the stand-in stops the forward as soon as it is called.
+rope, is run on a tiny input, and the stand-in stops the forward as soon as it is called. And
+transformers' rope itself is run on random tables: it must compute the formula Liger's computes.
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def _probe_inputs(module: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, t
     )
 
 
-def _probe_rope_call(module: Any, cls_forward: Any, rope_name: str, what: str) -> None:
-    """Run a copy of the forward with a stand-in rope; it must be called with the given cos and sin."""
+def _probe_rope_call(module: Any, cls_forward: Any, rope_name: str, what: str) -> bool:
+    """Run a copy of the forward with a stand-in rope; it must be called with the given cos and sin.
+
+    Returns False when the forward never calls it (a NoPE layer, or a changed forward).
+    """
     hidden, cos, sin = _probe_inputs(module, what)
 
     # Same parameters as our replacement, so a call our replacement could not take fails here too.
@@ -79,16 +83,48 @@ def _probe_rope_call(module: Any, cls_forward: Any, rope_name: str, what: str) -
             raise contract_error(
                 what, f"it calls {rope_name} with other cos/sin than its position_embeddings"
             ) from None
-        return
+        return True
     except Exception as exc:
         raise contract_error(what, f"a probe call failed before reaching {rope_name} ({exc!r})") from exc
-    raise contract_error(
-        what, f"it no longer calls the module-level {rope_name} (a probe call never reached it)"
-    )
+    return False
 
 
-def checked_rope_target(module: Any, plan: LigerPlan) -> tuple[types.FunctionType, Any, str]:
-    """(class forward, transformers' rope, name for errors) of an attention module whose rope we can redirect."""
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _check_rope_math(hf_rope: Any, module: Any, what: str) -> None:
+    """transformers' rope must compute what Liger's does: q*cos + rotate_half(q)*sin over the whole head."""
+    head_dim = module.head_dim
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 3, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    cos, sin = (torch.randn(1, 3, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    try:
+        got = hf_rope(q, k, cos, sin)
+    except Exception as exc:
+        raise contract_error(what, f"a probe call on full-width cos/sin failed ({exc!r})") from exc
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    expected = (q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s)
+    if not (
+        isinstance(got, tuple)
+        and len(got) == 2
+        and all(isinstance(g, torch.Tensor) and g.shape == e.shape for g, e in zip(got, expected))
+        and all(torch.allclose(g, e, rtol=1e-12, atol=1e-12) for g, e in zip(got, expected))
+    ):
+        raise contract_error(
+            what,
+            "it no longer computes q*cos + rotate_half(q)*sin over the whole head, which Liger's rope does",
+        )
+
+
+def checked_rope_target(
+    module: Any, plan: LigerPlan, *, optional: bool = False
+) -> tuple[types.FunctionType, Any, str] | None:
+    """(class forward, transformers' rope, name for errors) of an attention module whose rope we can redirect.
+
+    With `optional` (a plan with NoPE layers), None for a module whose forward never calls the rope.
+    """
     cls_forward = type(module).forward
     what = f"{type(module).__module__}.{type(module).__qualname__}.forward"
     # The innermost function of the decorator chain is the one whose globals hold the rope.
@@ -96,8 +132,15 @@ def checked_rope_target(module: Any, plan: LigerPlan) -> tuple[types.FunctionTyp
     hf_rope = innermost.__globals__.get(plan.rope_function)
     if hf_rope is None:
         raise contract_error(what, f"{plan.rope_function} is not defined in {innermost.__module__}")
-    _check_rope_signature(hf_rope, f"{innermost.__module__}.{plan.rope_function}")
-    _probe_rope_call(module, cls_forward, plan.rope_function, what)
+    rope_what = f"{innermost.__module__}.{plan.rope_function}"
+    _check_rope_signature(hf_rope, rope_what)
+    _check_rope_math(hf_rope, module, rope_what)
+    if not _probe_rope_call(module, cls_forward, plan.rope_function, what):
+        if optional:
+            return None
+        raise contract_error(
+            what, f"it no longer calls the module-level {plan.rope_function} (a probe call never reached it)"
+        )
     return cls_forward, hf_rope, what
 
 

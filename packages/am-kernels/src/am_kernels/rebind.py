@@ -19,22 +19,58 @@ from ._contract import contract_error
 _MAX_WRAPPERS = 16
 
 
-class _OverlayGlobals(dict):
-    """Globals for a copied function: own entries win, everything else is read live from the module.
+_NOTHING = object()
 
-    CPython looks globals of a non-exact dict up through `__getitem__`, so `__missing__`
-    forwards each miss to the module's current namespace: later changes to the module stay
-    visible, and only the overridden names differ.
+
+class _OverlayGlobals(dict):
+    """Globals for a copied function: own entries win, every other name is read live from the module.
+
+    CPython looks globals of a dict subclass up through `__getitem__`, which reads the module's
+    current namespace, so later changes to the module stay visible and only the overridden names
+    differ. torch.compile reads globals through both paths: it traces with `__getitem__`, but its
+    guards read the dict itself. So the dict also holds a copy of the module's namespace, refreshed
+    by every lookup (a guard never sees a value other than the one traced), and names torch.compile
+    installs (its compiled functions) are kept here, next to the copied code. Limitation: while
+    compiled code runs no lookup happens, so a name rebound in the module afterwards is picked up at
+    the next recompile, not before.
     """
 
     def __init__(self, module_globals: dict[str, Any], overrides: dict[str, Any]) -> None:
-        super().__init__(overrides)
-        # Builtins are resolved from this key when the function is created, not via __missing__.
-        self["__builtins__"] = module_globals["__builtins__"]
+        super().__init__(module_globals)
+        # Builtins are resolved from this key when the function is created.
+        fixed = {"__builtins__": module_globals["__builtins__"], **overrides}
+        dict.update(self, fixed)
+        self._fixed = frozenset(fixed)
+        self._installed: set[str] = set()
         self._module_globals = module_globals
 
-    def __missing__(self, key: str) -> Any:
-        return self._module_globals[key]
+    def __getitem__(self, key: str) -> Any:
+        if key in self._fixed:
+            return dict.__getitem__(self, key)
+        try:
+            value = self._module_globals[key]
+        except KeyError:
+            if key in self._installed:
+                return dict.__getitem__(self, key)
+            dict.pop(self, key, None)  # gone from the module: gone here too
+            raise
+        if dict.get(self, key, _NOTHING) is not value:
+            dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._installed.add(key)
+        dict.__setitem__(self, key, value)
+
+    # Membership and .get() agree with lookup.
+    def __contains__(self, key: object) -> bool:
+        return key in self._fixed or key in self._installed or key in self._module_globals
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 def _holds(cell: types.CellType, value: Any) -> bool:
@@ -72,9 +108,12 @@ def wrapper_chain(func: Any, what: str) -> list[types.FunctionType]:
 
 
 def _copy(
-    func: types.FunctionType, namespace: dict[str, Any], closure: tuple[Any, ...] | None
+    func: types.FunctionType,
+    namespace: dict[str, Any],
+    closure: tuple[Any, ...] | None,
+    code: types.CodeType | None = None,
 ) -> types.FunctionType:
-    copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, closure)
+    copy = types.FunctionType(code or func.__code__, namespace, func.__name__, func.__defaults__, closure)
     copy.__kwdefaults__ = func.__kwdefaults__
     copy.__qualname__ = func.__qualname__
     copy.__module__ = func.__module__
@@ -102,10 +141,17 @@ def with_global(func: Any, name: str, value: Any, what: str) -> types.FunctionTy
 
     Decorators stay in place: each layer of the `__wrapped__` chain is rebuilt around the copy
     below it. Neither `func` nor any module is changed. `what` names `func` in contract errors.
+
+    The innermost copy gets its own code object (same bytecode, `code.replace()`): torch.compile
+    caches compiled frames per code object, and a frame compiled with these globals must never be
+    reused for the original function (or another copy), whose globals lack what it installed here.
+    Bind one copy to every module that should share the overridden value, so that they also share
+    the compiled frames.
     """
     chain = wrapper_chain(func, what)
     innermost = chain[-1]
-    copy = _copy(innermost, _OverlayGlobals(innermost.__globals__, {name: value}), innermost.__closure__)
+    namespace = _OverlayGlobals(innermost.__globals__, {name: value})
+    copy = _copy(innermost, namespace, innermost.__closure__, innermost.__code__.replace())
     for wrapper, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
         copy = _rewrap(wrapper, inner, copy)
     return copy

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ._patch import patch_name
 
 
@@ -67,8 +69,12 @@ class PatchReport:
 
 
 def _module_patches(module: Any) -> tuple[tuple[str, str], ...]:
+    try:
+        own = vars(module)
+    except TypeError:  # no __dict__: nothing can be patched on it
+        return ()
     found = []
-    for attr, value in vars(module).items():
+    for attr, value in own.items():
         marker = patch_name(value)
         if isinstance(marker, str):
             found.append((attr, marker))
@@ -76,13 +82,13 @@ def _module_patches(module: Any) -> tuple[tuple[str, str], ...]:
 
 
 def get_patch_report(model: Any) -> PatchReport:
-    """Report every module of `model` (a torch `nn.Module`) that holds an am-* replacement."""
-    named = model.named_modules() if hasattr(model, "named_modules") else [("", model)]
+    """Report every module of `model` (a torch `nn.Module`, or any object) that holds an am-* replacement."""
+    named = model.named_modules() if isinstance(model, torch.nn.Module) else [("", model)]
     modules = []
     for path, module in named:
         patches = _module_patches(module)
         if patches:
-            shown = module._get_name() if hasattr(module, "_get_name") else type(module).__name__
+            shown = module._get_name() if isinstance(module, torch.nn.Module) else type(module).__name__
             modules.append(PatchedModule(path, type(module).__name__, shown, patches))
     return PatchReport(type(model).__name__, tuple(modules))
 

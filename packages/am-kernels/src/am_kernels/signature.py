@@ -14,6 +14,15 @@ def _signature(func: Callable[..., Any], role: str) -> inspect.Signature:
         raise TypeError(f"cannot read the signature of the {role} callable {func!r}: {exc}") from exc
 
 
+def with_self(sig: inspect.Signature) -> inspect.Signature:
+    """`sig` with a leading `self`: the signature of a function that is bound to become `sig`.
+
+    `self` is positional-only so it is valid before any parameter kind; binding drops it again.
+    """
+    bound_self = inspect.Parameter("_am_self", inspect.Parameter.POSITIONAL_ONLY)
+    return sig.replace(parameters=[bound_self, *sig.parameters.values()])
+
+
 def assert_same_signature(original: Callable[..., Any], patched: Callable[..., Any]) -> None:
     """Raise AssertionError naming both signatures when `original` and `patched` differ.
 

@@ -1,0 +1,180 @@
+"""The patches of one module: RMSNorm, gated MLP and the attention's rope, each checked before it is built.
+
+Every replacement is a fresh function of `self` bound to its module with `types.MethodType` (see `bound`),
+written into the instance `__dict__` by a `Patch`; `_get_name` is rebound alongside so `print(model)` shows it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+from ._contract import contract_error
+from ._patch import MISSING, Patch, mark, patch_name
+from ._repr import short_repr
+from .liger_forwards import LigerOps, gated_mlp_forward, liger_rope, method_function, rms_norm_forward
+from .liger_plans import LigerPlan
+from .liger_rope import checked_rope_target
+from .rebind import with_global
+from .signature import assert_same_signature, with_self
+
+NAMES = {
+    "rms_norm": "am_kernels.liger.rms_norm",
+    "swiglu": "am_kernels.liger.swiglu",
+    "geglu": "am_kernels.liger.geglu",
+    "rope": "am_kernels.liger.rope",
+    "fused_linear_cross_entropy": "am_kernels.liger.fused_linear_cross_entropy",
+    "cross_entropy": "am_kernels.liger.cross_entropy",
+}
+_SHOWN_AS = {"rms_norm": "LigerRMSNorm", "swiglu": "LigerSwiGLUMLP", "geglu": "LigerGEGLUMLP"}
+
+
+def bound(func: Callable[..., Any], module: Any, name: str, original: Any) -> types.MethodType:
+    """`func(self, ...)` bound to `module`, marked, showing the original's name, doc and signature.
+
+    Bound with `types.MethodType`, never closed over `module`: `copy.deepcopy` rebinds a bound
+    method to the copied module (`copy._deepcopy_method`), so a deep copy (a pipeline stage)
+    computes with its own weights. `func` must be a fresh function per call when `original` is
+    given, since the original's metadata are set on it. The metadata come from the original's
+    function when the original is a method of `module` (the same for every copy); a foreign
+    callable instead gets an explicit `__signature__`. Only a plain function's `__dict__` is merged into `func`
+    (never another wrapper's state). `original=None` keeps `func`'s own metadata (the rope
+    forward copy, which already is the class function and is shared by the modules of one class).
+    """
+    if original is None:
+        return types.MethodType(mark(func, name), module)
+    function = method_function(original, module)
+    wrapped = original if function is None else function
+    merge = functools.WRAPPER_UPDATES if isinstance(wrapped, types.FunctionType) else ()
+    functools.update_wrapper(func, wrapped, updated=merge)
+    if function is None:
+        func.__signature__ = with_self(inspect.signature(original))  # type: ignore[attr-defined]
+    return types.MethodType(mark(func, name), module)
+
+
+def name_patch(module: Any, shown_as: str, name: str) -> Patch:
+    def _get_name(self: Any) -> str:
+        return shown_as
+
+    return Patch(module, "_get_name", bound(_get_name, module, name, module._get_name))
+
+
+def forward_patch(module: Any, func: Callable[..., Any], name: str, *, wrap: bool = True) -> Patch:
+    original = module.forward
+    replacement = bound(func, module, name, original if wrap else None)
+    assert_same_signature(original, replacement)
+    return Patch(module, "forward", replacement)
+
+
+def describe_owner(value: Any) -> str:
+    """What an instance-level forward is: the am-* patch that owns it, or its repr."""
+    marker = patch_name(value)
+    if isinstance(marker, str):
+        return f"the {marker.split('.')[0]} patch {marker!r}"
+    return f"a foreign wrapper ({short_repr(value)})"
+
+
+def refuse_instance_forward(module: Any, path: str, kernel: str, flag: str) -> None:
+    """A kernel that replaces the whole forward would silently drop an instance-level forward: refuse."""
+    own = vars(module).get("forward")
+    if own is not None:
+        raise ValueError(
+            f"{path or '<root>'} ({type(module).__name__}).forward is already replaced on the instance by "
+            f"{describe_owner(own)}; Liger's {kernel} replaces the whole forward, so that patch would stop "
+            f"running: undo it first (or patch Liger first), or pass {flag}=False"
+        )
+
+
+def _check_one_input(original: Any, what: str) -> None:
+    params = list(inspect.signature(original).parameters.values())
+    if len(params) != 1 or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise contract_error(
+            what, f"expected a forward with one tensor input, found {inspect.signature(original)}"
+        )
+
+
+def norm_patches(module: Any, path: str, plan: LigerPlan, ops: LigerOps) -> list[Patch]:
+    refuse_instance_forward(module, path, "RMSNorm", "rms_norm")
+    what = f"{type(module).__module__}.{plan.norm_class}.forward"
+    _check_one_input(module.forward, what)
+    if not hasattr(module, plan.norm_eps_attr):
+        raise contract_error(what, f"the module has no epsilon attribute {plan.norm_eps_attr!r}")
+    if getattr(module, "weight", None) is None:
+        raise contract_error(what, "the module has no weight parameter")
+    func = rms_norm_forward(
+        module.forward,
+        ops,
+        eps_attr=plan.norm_eps_attr,
+        offset=plan.norm_offset,
+        casting_mode=plan.norm_casting_mode,
+        in_place=plan.norm_in_place,
+    )
+    return [
+        forward_patch(module, func, NAMES["rms_norm"]),
+        name_patch(module, _SHOWN_AS["rms_norm"], NAMES["rms_norm"]),
+    ]
+
+
+def mlp_patches(module: Any, path: str, plan: LigerPlan, ops: LigerOps, config: Any) -> list[Patch]:
+    refuse_instance_forward(module, path, f"{plan.mlp_kind} MLP", "swiglu")
+    what = f"{type(module).__module__}.{plan.mlp_class}.forward"
+    _check_one_input(module.forward, what)
+    projections = (
+        ("gate_up_proj", "down_proj")
+        if plan.mlp_layout == "fused_gate_up"
+        else ("gate_proj", "up_proj", "down_proj")
+    )
+    for proj in projections:
+        if not hasattr(module, proj):
+            raise contract_error(what, f"the module has no {proj}")
+    act = getattr(config, plan.mlp_act_attr, MISSING)
+    if act not in plan.mlp_acts:
+        raise ValueError(
+            f"Liger's {plan.mlp_kind} kernel computes {plan.mlp_acts}, but config.{plan.mlp_act_attr} is {act!r}; "
+            "pass swiglu=False to keep this model's MLP"
+        )
+    func = gated_mlp_forward(module.forward, ops, kind=plan.mlp_kind, layout=plan.mlp_layout)
+    name = NAMES[plan.mlp_kind]
+    return [forward_patch(module, func, name), name_patch(module, _SHOWN_AS[plan.mlp_kind], name)]
+
+
+class RopeCopies:
+    """One Liger rope and one rebound forward per attention class, shared by every module of one patch.
+
+    Sharing the copy shares its code object, hence torch.compile's cache: every layer reuses the frames
+    compiled for the first one instead of recompiling (see `rebind.with_global`).
+    """
+
+    def __init__(self, ops: LigerOps, plan: LigerPlan) -> None:
+        self.plan = plan
+        self.rope: Callable[..., Any] | None = None
+        self.ops = ops
+        self.forwards: dict[Any, types.FunctionType] = {}
+
+    def forward_for(self, module: Any) -> types.FunctionType | None:
+        """The rebound forward for `module`, or None for a NoPE layer of a plan with `rope_optional`."""
+        target = checked_rope_target(module, self.plan, optional=self.plan.rope_optional)
+        if target is None:
+            return None
+        cls_forward, hf_rope, what = target
+        if cls_forward not in self.forwards:
+            if self.rope is None:
+                self.rope = mark(liger_rope(self.ops), NAMES["rope"], wrapped=hf_rope)
+            self.forwards[cls_forward] = with_global(cls_forward, self.plan.rope_function, self.rope, what)
+        return self.forwards[cls_forward]
+
+
+def rope_patches(module: Any, path: str, copies: RopeCopies) -> list[Patch]:
+    refuse_instance_forward(module, path, "rope (a copy of the class forward)", "rope")
+    func = copies.forward_for(module)
+    if func is None:
+        return []  # this layer applies no rotary embedding: nothing to replace
+    name = NAMES["rope"]
+    shown_as = f"{type(module).__name__}+LigerRope"
+    return [forward_patch(module, func, name, wrap=False), name_patch(module, shown_as, name)]
