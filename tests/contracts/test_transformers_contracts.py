@@ -31,6 +31,7 @@ import transformers
 from transformers import masking_utils, modeling_utils
 from transformers import modeling_flash_attention_utils as flash_utils
 
+from am_cli.tiny_models import build_config, build_model
 from am_kernels._contract import RENAMED_PARAMETERS
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
@@ -61,39 +62,30 @@ def _modeling(arch: str) -> types.ModuleType:
     return importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
 
 
+# Probe sizes applied to am-cli's built-in tiny models (am_cli.tiny_models: the one source of tiny models).
+_PROBE_SIZES = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    attn_implementation="sdpa",
+)
+
+
 def _config(arch: str, **overrides: Any) -> Any:
-    common = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )
-    if arch == "gemma3":
-        cfg = transformers.Gemma3TextConfig(
-            **common, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
-        )
-    elif arch == "mistral":
-        cfg = transformers.MistralConfig(**common, sliding_window=4)
-    else:
-        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}.get(arch)
-        cfg = (cls or transformers.Qwen3Config)(**common)
+    windowed = {"sliding_window": 4} if arch in ("gemma3", "mistral") else {}
+    cfg = build_config(arch if arch in ARCHS else "qwen3", **_PROBE_SIZES, **windowed)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
 def _causal_lm(arch: str, **overrides: Any) -> Any:
-    torch.manual_seed(0)
-    build = (
-        transformers.Gemma3ForCausalLM if arch == "gemma3" else transformers.AutoModelForCausalLM.from_config
-    )
-    return build(_config(arch, **overrides)).eval()
+    return build_model(_config(arch, **overrides), attn_implementation="sdpa", seed=0).eval()
 
 
 def _ids(batch: int = 2, seq: int = 8) -> torch.Tensor:

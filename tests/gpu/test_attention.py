@@ -106,13 +106,17 @@ def test_thd_packed(window):
 
 def test_injected_hf_model_matches_sdpa_with_default_kernel():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MistralConfig(
+    from am_cli.tiny_models import build_config
+
+    cfg = build_config(  # am-cli's built-in mistral at GPU-test size
+        "mistral",
         vocab_size=256,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
+        head_dim=64,
         sliding_window=64,
         attn_implementation="sdpa",
     )

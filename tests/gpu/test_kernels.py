@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch.nn.attention import SDPBackend
 
+from am_cli.tiny_models import build_config, build_model
 from am_kernels import (
     HAS_LIGER_KERNEL,
     get_patch_report,
@@ -27,6 +27,8 @@ needs_liger = pytest.mark.skipif(
     not HAS_LIGER_KERNEL, reason='needs liger-kernel: pip install "am-kernels[liger]"'
 )
 
+# am-cli's built-in tiny models (am_cli.tiny_models) at GPU-test size; the extras keep each model's own
+# defaults where the built-in differs (Mistral's 4096 window, Gemma3's tied head and 1/256 scaling, ...).
 SIZES = dict(
     vocab_size=1024,
     hidden_size=256,
@@ -34,23 +36,29 @@ SIZES = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
+    head_dim=64,
     max_position_embeddings=256,
 )
 ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 64, "sliding_window": 64}),
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {"sliding_window": 4096}),
+    "gemma3_text": (
+        "gemma3",
+        {
+            "sliding_window": 64,
+            "tie_word_embeddings": True,
+            "query_pre_attn_scalar": 256,
+            "layer_types": ["sliding_attention", "sliding_attention"],
+        },
+    ),
 }
 
 
 def build(model_type: str, dtype=torch.bfloat16, attn: str = "sdpa"):
-    config_cls, model_cls, extra = ARCHS[model_type]
-    config = getattr(transformers, config_cls)(**{**SIZES, **extra})
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config)
+    name, extra = ARCHS[model_type]
+    model = build_model(build_config(name, **{**SIZES, **extra}), attn_implementation=attn, seed=0)
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):

@@ -24,17 +24,20 @@ LENGTHS = (200, 37, 512, 90, 1, 333, 129)  # several longer than the sliding win
 def _model(impl: str, arch: str):
     import transformers as tf
 
-    common = dict(
+    from am_cli.tiny_models import build_config
+
+    cfg = build_config(  # am-cli's built-in llama / mistral at GPU-test size
+        arch,
         vocab_size=512,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=64,
         max_position_embeddings=2048,
-        attention_dropout=0.0,
+        **({"sliding_window": 64} if arch == "mistral" else {}),
     )
-    cfg = tf.MistralConfig(**common, sliding_window=64) if arch == "mistral" else tf.LlamaConfig(**common)
     torch.manual_seed(0)
     return (
         tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=torch.bfloat16)

@@ -3,14 +3,13 @@ from __future__ import annotations
 import pytest
 
 from am_attention import (
-    ATTN_PRIORITY,
     DEFAULT_ATTN_IMPLEMENTATION,
     PACKED_SEQUENCE_BACKENDS,
     apply_preload_overrides,
     next_fallback_attn,
     verify_sdpa_support,
 )
-from am_attention.selection import HAS_FLASH_ATTN
+from am_attention.selection import ATTN_PRIORITY, HAS_FLASH_ATTN
 
 
 def test_default_follows_flash_attn_availability():

@@ -91,11 +91,13 @@ def test_undo_restores_everything_and_second_injection_is_noop():
     before_attn = [dict(vars(layer.self_attn)) for layer in model.model.layers]
     h1 = A.inject_te_attention(model, dot_product_attention_cls=REF)
     h2 = A.inject_te_attention(model, dot_product_attention_cls=REF)
-    assert h1 is h2 and config._attn_implementation == "te"
+    assert h1 is h2 and model.config._attn_implementation == "te"
+    # the model reads its own copy; the config object is unchanged
+    assert config._attn_implementation == "sdpa"
     assert isinstance(model.model.layers[0].self_attn.attn_module, REF)
     assert A.remove_te_attention(model) is True
     assert A.remove_te_attention(model) is False
-    assert vars(config) == before_cfg and config._attn_implementation == "sdpa"
+    assert model.config is config and vars(config) == before_cfg and config._attn_implementation == "sdpa"
     assert [dict(vars(layer.self_attn)) for layer in model.model.layers] == before_attn
     assert "_te_attention_injected" not in vars(model)
 

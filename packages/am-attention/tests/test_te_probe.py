@@ -16,7 +16,7 @@ import transformers
 from transformers import modeling_utils
 
 import am_attention as A
-from am_attention import te_inject
+from am_attention import te_plan
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _models import ARCHS, COMMON, build
@@ -186,9 +186,9 @@ def test_decorated_forward_is_accepted_and_exact(monkeypatch, arch):
 
 def test_probe_runs_once_per_class_and_window_and_changes_nothing(monkeypatch):
     calls = []
-    probe = te_inject.check_dispatch
-    monkeypatch.setattr(te_inject, "check_dispatch", lambda m, p: calls.append(type(m)) or probe(m, p))
-    monkeypatch.setattr(te_inject, "_VERDICTS", {})
+    probe = te_plan.check_dispatch
+    monkeypatch.setattr(te_plan, "check_dispatch", lambda m, p: calls.append(type(m)) or probe(m, p))
+    monkeypatch.setattr(te_plan, "_VERDICTS", {})
     registry = dict(modeling_utils.AttentionInterface._global_mapping)
     llama = build("llama", num_hidden_layers=3)
     assert [t for t, _ in _plan(llama).values()] == [True] * 3

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from am_cli.doctor import build_report, resolve_model, shrink_config
-from am_cli.main import EXIT_USAGE, main
-from am_cli.report import FAIL, PASS, SKIP
+from am_cli.main import EXIT_OK, EXIT_USAGE, main
+from am_cli.report import FAIL, PASS, REFUSED, SKIP, Report, Section
 from am_cli.tiny_models import available_archs, build_config
 
 
@@ -131,3 +132,68 @@ def test_failing_check_gives_exit_1(monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False
     assert report["sections"]["packing"]["status"] == FAIL
+
+
+def test_a_named_config_file_is_the_one_checked(tmp_path):
+    """`--model dir/qwen.json` reads qwen.json, not the directory's config.json."""
+    build_config("llama").save_pretrained(tmp_path)  # dir/config.json: a Llama
+    (tmp_path / "qwen.json").write_text(build_config("qwen3").to_json_string())
+    label, config = resolve_model(str(tmp_path / "qwen.json"))
+    assert config.model_type == "qwen3" and label.endswith("qwen.json")
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"hidden_size": "abc"}, "hidden_size must be a positive integer, got 'abc'"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be a positive integer"),
+        ({"model_type": "t5"}, "'t5' (T5Config) has no causal LM class"),
+    ],
+    ids=["str-hidden", "zero-heads", "bool-layers", "t5"],
+)
+def test_bad_config_values_are_one_line_exit_2_and_valid_json(tmp_path, capsys, change, said):
+    values = {**build_config("llama").to_dict(), **change}
+    if change.get("model_type") == "t5":
+        values = {"model_type": "t5"}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert main(["doctor", "--model", str(tmp_path), "--json"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err.strip().count("\n") == 0 and said in captured.err, captured.err
+    report = json.loads(captured.out)
+    assert report == {"ok": False, "error": report["error"], "exit_code": EXIT_USAGE}
+    assert said in report["error"]
+
+
+def test_missing_path_with_json_prints_a_json_error(tmp_path, capsys):
+    assert main(["doctor", "--model", str(tmp_path / "nope"), "--json"]) == EXIT_USAGE
+    assert "does not exist" in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.mark.skipif("gemma4" not in available_archs(), reason="the installed transformers has no Gemma4")
+def test_gemma4_pipelining_is_refused_with_the_reason_not_failed():
+    """Built-in Gemma4 has per-layer inputs, which am-pipelining refuses by name: a refusal, exit 0."""
+    from am_cli.checks.pipelining import check_pipeline
+
+    section = check_pipeline(build_config("gemma4"), 2)
+    assert section.status == REFUSED and {r["status"] for r in section.rows} == {REFUSED}
+    assert any("hidden_size_per_layer_input" in r["owns"] for r in section.rows)
+    report = Report(model="gemma4", model_type="gemma4_text", sections=[section])
+    assert report.ok and report.refusals() and not report.failures()
+
+
+def test_refusals_do_not_fail_but_failures_do():
+    refused = Section("s", "t", ["a"])
+    refused.add(REFUSED, a="no")
+    failed = Section("f", "t", ["a"])
+    failed.add(FAIL, a="wrong")
+    assert Report("m", "x", [refused]).ok and not Report("m", "x", [refused, failed]).ok
+    assert failed.status == FAIL and refused.status == REFUSED
+
+
+def test_exit_codes_have_one_definition():
+    import am_cli.doctor as doctor
+    import am_cli.main as cli
+
+    assert (doctor.EXIT_OK, doctor.EXIT_CHECK_FAILED) == (cli.EXIT_OK, cli.EXIT_CHECK_FAILED) == (EXIT_OK, 1)
+    assert "EXIT_OK =" not in Path(doctor.__file__).read_text()

@@ -32,3 +32,13 @@ def test_gemma4_matches_the_installed_transformers():
         with pytest.raises(ValueError, match="does not have"):
             build_config("gemma4")
     assert set(TINY_ARCHS) >= {"llama", "qwen2", "qwen3", "mistral", "gemma3", "qwen2-vl", "mistral3"}
+
+
+def test_overrides_resize_and_keep_the_layout():
+    config = build_config("gemma3", num_hidden_layers=3, hidden_size=32, vocab_size=128)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (3, 32, 128)
+    assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert build_config("mistral", sliding_window=4).sliding_window == 4
+    vlm = build_config("qwen2-vl", vocab_size=128)
+    assert vlm.text_config.vocab_size == 128 and vlm.image_token_id < 128
+    assert build_config("llama").to_dict() == build_config("llama").to_dict()  # deterministic

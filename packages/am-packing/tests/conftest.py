@@ -37,7 +37,7 @@ def _snapshot() -> dict:
 @pytest.fixture(autouse=True)
 def no_patch_leak():
     """Fail any test that leaves one of our patches (or a registry entry) behind."""
-    from am_packing import backends, patches
+    from am_packing import backends, patches, scoped, scoped_registry
     from am_packing._patch import patch_name
 
     before = _snapshot()
@@ -54,7 +54,9 @@ def no_patch_leak():
         if patch_name(value) is not None:
             leaked.append(f"{name}.{b}")
     assert not leaked, f"test leaked patches: {leaked}"
-    assert patches._ACTIVE is None and backends._VARLEN_SET is None
+    assert patches._CONFIGURED.active is None and backends._VARLEN.active is None
+    assert not scoped._USERS and all(r.active is None for r in scoped_registry.REGISTRIES.values())
+    assert not [m for m, h in scoped._ENABLED.items() if h.applied], "a model was left with packing enabled"
 
 
 @pytest.fixture
@@ -162,3 +164,83 @@ def _builder_copy(original, *, rename=None, ignore=(), move=None):
 @pytest.fixture
 def builder_copy():
     return _builder_copy
+
+
+# --------------------------------------------------------------------------- packed vs per-document checks
+LENGTHS = (12, 5, 20, 9, 1, 17)  # several > the window (8); one single-token document
+
+
+def documents(seed: int = 1, lengths=LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def per_document(model, docs, *, with_grad: bool = True):
+    """Logits of every document alone (eager attention on a copy) and, with_grad, the summed-loss gradients."""
+    import copy
+
+    import torch.nn.functional as F
+
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    logits, loss = [], 0.0
+    with torch.set_grad_enabled(with_grad):
+        for doc in docs:
+            ids = torch.tensor([doc])
+            out = ref(input_ids=ids, use_cache=False).logits[0]
+            logits.append(out.detach())
+            if len(doc) > 1:
+                loss = loss + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
+    if not with_grad:
+        return logits, None
+    loss.backward()
+    return logits, {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def worst_document_error(docs, batch, packed_logits, ref_logits):
+    """Max |packed - alone| over every document; rows are mapped back through the indexed mask."""
+    from am_packing.marker import as_plain
+
+    mask = as_plain(batch["attention_mask"])
+    seen, worst = 0, 0.0
+    for r in range(mask.shape[0]):
+        for d in range(1, int(mask[r].max()) + 1):
+            sel = (mask[r] == d).nonzero().flatten()
+            ids = batch["input_ids"][r, sel].tolist()
+            k = next(i for i, doc in enumerate(docs) if doc == ids)
+            worst = max(worst, (packed_logits[r, sel] - ref_logits[k]).abs().max().item())
+            seen += 1
+    assert seen == len(docs)
+    return worst
+
+
+def packed_loss_grads(model, batch, **extra):
+    """Logits and summed-loss gradients of a packed batch (HF-style shift; the collator's -100s)."""
+    import torch.nn.functional as F
+
+    out = model(input_ids=batch["input_ids"], **extra).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(out[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    loss.backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(ref_grads, grads, atol=1e-5):
+    assert ref_grads.keys() == grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.fixture
+def exact():
+    """The packed-vs-alone helpers above, for test modules (importlib mode cannot import conftest)."""
+    import types
+
+    return types.SimpleNamespace(
+        documents=documents,
+        per_document=per_document,
+        worst=worst_document_error,
+        packed=packed_loss_grads,
+        grads_close=assert_grads_close,
+        ATOL=1e-5,
+    )

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from am_packing import (
-    PackingCollator,
-    first_fit_decreasing,
-    get_unpad_data,
-    pack_sequences,
-    packing_efficiency,
-)
+from am_packing import DocumentIdMask, PackingCollator, get_unpad_data, pack_sequences
+from am_packing.collator import first_fit_decreasing, packing_efficiency
 
 MAX = 16
 
@@ -102,3 +98,104 @@ def test_collator_in_dataloader():
     real = sum(len(d) for d in data)
     assert collator.real_tokens == real and 0 < collator.efficiency <= 1
     assert collator.efficiency == pytest.approx(real / sum(b["input_ids"].numel() for b in batches))
+
+
+# --------------------------------------------------------------------------- inputs (issues 15, 16)
+@pytest.mark.parametrize(
+    ("examples", "kwargs", "error", "words"),
+    [
+        ([[1.7, 2.9]], {}, TypeError, r"example 0: input_ids must hold integer token ids, found 1.7"),
+        ([torch.tensor([1.0, 2.0])], {}, TypeError, r"example 0: input_ids .*float32"),
+        ([np.array([1.5, 2.0])], {}, TypeError, r"example 0: input_ids .*float64"),
+        ([np.array([True, False])], {}, TypeError, r"example 0: input_ids .*bool"),
+        ([[True, 2]], {}, TypeError, r"example 0: input_ids .*True"),
+        ([[1], [2**70]], {}, ValueError, r"example 1: input_ids holds 1180591620717411303424"),
+        ([[1, -3]], {}, ValueError, r"example 0: input_ids holds -3"),
+        ([{"input_ids": [1, 2], "labels": [1, 2.5]}], {}, TypeError, r"example 0: labels"),
+        ([[1, 2]], {"pad_token_id": 1.5}, TypeError, "pad_token_id"),
+        ([[1, 2]], {"pad_token_id": None}, TypeError, "pad_token_id"),
+        ([[1, 2]], {"pad_token_id": -1}, ValueError, "pad_token_id"),
+        ([[1, 2]], {"max_length": True}, TypeError, "max_length"),
+        ([[1, 2]], {"max_length": 2.0}, TypeError, "max_length"),
+        ([[1, 2]], {"truncate": "yes"}, TypeError, "truncate"),
+        ([[1, 2]], {"mode": "flat"}, ValueError, "mode"),
+        ("abc", {}, TypeError, "examples must be a sequence"),
+        ([], {}, ValueError, "examples is empty"),
+        ([np.ones((2, 2), dtype=np.int64)], {}, ValueError, r"example 0: input_ids must be 1D"),
+    ],
+)
+def test_bad_input_is_named(examples, kwargs, error, words):
+    kwargs = {"max_length": MAX, **kwargs}
+    with pytest.raises(error, match=words):
+        pack_sequences(examples, kwargs.pop("max_length"), **kwargs)
+
+
+def test_numpy_list_and_tensor_inputs_give_the_same_batch():
+    lists = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ref = pack_sequences(lists, 8)
+    for convert in (np.array, torch.tensor, lambda x: np.array(x, dtype=np.int32), tuple):
+        got = pack_sequences([convert(x) for x in lists], 8)
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    mapped = pack_sequences([{"input_ids": np.array(x), "labels": torch.tensor(x)} for x in lists], 8)
+    assert all(torch.equal(mapped[k], ref[k]) for k in ref)
+
+
+def test_position_ids_mode_is_transformers_padding_free_format():
+    batch = pack_sequences([[5, 6, 7], [8, 9], [10]], 8, mode="position_ids")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3 and batch["use_cache"] is False
+    assert "attention_mask" not in batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_position_ids_mode_is_exact_on_an_unpatched_model(make_model, exact, arch, impl):
+    model = make_model(arch, impl)
+    docs = exact.documents()
+    ref_logits, ref_grads = exact.per_document(model, docs)
+    batch = PackingCollator(32, mode="position_ids")(docs)
+    logits, grads = exact.packed(
+        model, batch, **{k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    )
+    start = 0
+    for doc, ref in zip(docs, ref_logits):
+        torch.testing.assert_close(logits[0, start : start + len(doc)], ref, atol=exact.ATOL, rtol=0)
+        start += len(doc)
+    exact.grads_close(ref_grads, grads)
+
+
+def test_collator_marks_the_mask_and_counts():
+    collate = PackingCollator(8)
+    batch = collate([[1, 2, 3], [4, 5], [6]])
+    assert isinstance(batch["attention_mask"], DocumentIdMask)
+    assert batch["attention_mask"].document_ids.tolist() == [[1, 1, 1, 2, 2, 3, 0, 0]]
+    assert int(batch["attention_mask"].sum()) == 6 == collate.real_tokens and collate.slots == 8
+    flat = PackingCollator(8, mode="position_ids")
+    flat([[1, 2, 3], [4, 5]])
+    assert flat.efficiency == 1.0 and flat.real_tokens == 5
+
+
+def test_from_tokenizer_reads_the_pad_token():
+    class Tokenizer:
+        pad_token_id = 7
+
+    collate = PackingCollator.from_tokenizer(Tokenizer(), 6, mode="indexed")
+    assert collate([[1, 2, 3]])["input_ids"].tolist() == [[1, 2, 3, 7, 7, 7]]
+    Tokenizer.pad_token_id = None
+    with pytest.raises(ValueError, match="has no pad_token_id"):
+        PackingCollator.from_tokenizer(Tokenizer(), 6)
+
+
+def test_over_long_examples_name_the_dataset_index():
+    data = [[1, 2], [1, 2, 3], list(range(1, 20)), [4]]
+    collate = PackingCollator(8)
+    with pytest.raises(ValueError, match=r"example 0 has 19 tokens.*validate_dataset"):
+        collate([data[2], data[0]])
+    with pytest.raises(ValueError, match=r"dataset index 2 has 19 tokens, more than max_length=8"):
+        collate.validate_dataset(data)
+    collate.validate_dataset(data[:2])
+    with pytest.raises(TypeError, match="dataset must support"):
+        collate.validate_dataset(iter(data))

@@ -93,7 +93,7 @@ def test_every_cache_spelling_in_the_table_is_adapted_to(monkeypatch, builder_co
     ids = torch.tensor(DOCUMENTS)
     with configure_packing("sdpa"), register_varlen_attention():
         ours = getattr(masking, builder)
-        assert ours is getattr(am_packing, builder)
+        assert ours is getattr(am_packing.patches, builder)
         mask = _call(ours, ids.shape[1], cache_name=spelling, declared=copy, attention_mask=ids)
         assert torch.equal(mask[0, 0], _per_document(builder, ids))
         # the cache is read under the builder's spelling: packing refuses a non-empty one
@@ -121,7 +121,7 @@ def test_unknown_cache_spelling_is_refused(monkeypatch, builder_copy, no_setattr
             apply()
         _assert_refused(err, builder, "expected exactly one of the parameters", "kv_cache")
     assert no_setattr == []
-    assert am_packing.patches._ACTIVE is None and am_packing.backends._VARLEN_SET is None
+    assert am_packing.patches._CONFIGURED.active is None and am_packing.backends._VARLEN.active is None
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
@@ -132,7 +132,7 @@ def test_moved_attention_mask_is_refused(monkeypatch, builder_copy, no_setattr, 
     with pytest.raises(RuntimeError) as err:
         configure_packing("sdpa")
     _assert_refused(err, builder, "attention_mask as the third positional")
-    assert no_setattr == [] and am_packing.patches._ACTIVE is None
+    assert no_setattr == [] and am_packing.patches._CONFIGURED.active is None
 
 
 def test_no_deprecated_name_reaches_the_installed_transformers(make_model):
@@ -176,7 +176,7 @@ def test_mask_interface_probe_refuses_positional_calls(monkeypatch, no_setattr, 
     with pytest.raises(RuntimeError) as err:
         register_varlen_attention()
     _assert_refused(err, "create_causal_mask", re.escape("keywords ['attention_mask', 'kv_length']"))
-    assert no_setattr == [] and am_packing.backends._VARLEN_SET is None
+    assert no_setattr == [] and am_packing.backends._VARLEN.active is None
     assert seen and seen[0] not in before and seen[0] not in registry and registry == before
 
 

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from am_packing import (
-    document_ids_from_position_ids,
     get_seqlens_in_batch,
     get_unpad_data,
     is_indexed_packed_mask,
     validate_indexed_mask,
 )
+from am_packing.mask import document_ids_from_position_ids
 
 
 def loop_reference(mask: torch.Tensor):
@@ -108,3 +108,41 @@ def test_bad_layouts():
 def test_document_ids_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert document_ids_from_position_ids(pos).tolist() == [[1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 1, 1]]
+
+
+# --------------------------------------------------------------------------- bad input (issue 15)
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda: get_unpad_data(torch.tensor([[1, 1, 0]]), max_seqlen=-5), ValueError, "max_seqlen"),
+        (lambda: get_unpad_data(torch.tensor([[1, 1, 0]]), max_seqlen=2.5), TypeError, "max_seqlen"),
+        (lambda: get_unpad_data(torch.tensor([[1, 1, 0]]), max_seqlen=True), TypeError, "max_seqlen"),
+        (lambda: get_unpad_data(torch.tensor([[1, 1, 0]]), strict="no"), TypeError, "strict"),
+        (lambda: get_unpad_data(torch.zeros(2, 0, dtype=torch.long)), ValueError, r"attention_mask is empty"),
+        (lambda: get_unpad_data(torch.zeros(0, 3, dtype=torch.long)), ValueError, r"attention_mask is empty"),
+        (lambda: get_unpad_data(torch.ones(2, 3, dtype=torch.long, device="meta")), ValueError, "meta"),
+        (lambda: get_seqlens_in_batch(torch.ones(2, 3, dtype=torch.long, device="meta")), ValueError, "meta"),
+        (lambda: validate_indexed_mask(torch.ones(1, 2, 3, dtype=torch.long)), ValueError, "ndim=3"),
+        (lambda: get_unpad_data(torch.ones(2, 3, dtype=torch.complex64)), ValueError, "complex"),
+        (lambda: get_unpad_data([[1, 1, 0]]), TypeError, "attention_mask must be a torch.Tensor"),
+        (lambda: document_ids_from_position_ids([[0, 1]]), TypeError, "position_ids"),
+        (lambda: document_ids_from_position_ids(torch.zeros(1, 2)), ValueError, "position_ids"),
+    ],
+)
+def test_bad_input_is_named(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.ones(2, 3, dtype=torch.complex64) * 2,
+        torch.ones(2, 3, dtype=torch.long, device="meta") * 2,
+        torch.zeros(2, 0, dtype=torch.long),
+        "not a mask",
+        torch.tensor([[1, 2]]).numpy(),
+    ],
+)
+def test_is_indexed_packed_mask_never_raises(mask):
+    assert is_indexed_packed_mask(mask) is False

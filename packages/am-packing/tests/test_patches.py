@@ -14,6 +14,7 @@ from am_packing import (
     configure_packing,
     find_causal_mask_modules,
     get_attn_implementation,
+    pack_sequences,
     unconfigure_packing,
 )
 from am_packing._contract import parameter_name
@@ -28,7 +29,9 @@ def test_already_imported_modules_are_patched_and_restored():
     original = masking.create_causal_mask
     with configure_packing("sdpa"):
         assert llama.create_causal_mask is am_packing.create_causal_mask
-        assert mistral.create_sliding_window_causal_mask is am_packing.create_sliding_window_causal_mask
+        assert (
+            mistral.create_sliding_window_causal_mask is am_packing.patches.create_sliding_window_causal_mask
+        )
         assert patch_name(llama.create_causal_mask) == "am_packing.create_causal_mask"
     assert llama.create_causal_mask is original is masking.create_causal_mask
 
@@ -157,3 +160,114 @@ def test_configure_rejects_unknown_backend():
 )
 def test_get_attn_implementation(cfg, expected):
     assert get_attn_implementation(cfg) == expected
+
+
+# --------------------------------------------------------------------------- issue 15 regressions
+def test_float_indexed_mask_is_refused(make_model):
+    """A float mask holding document ids used to be read as a padding mask (documents attending across)."""
+    model = make_model("llama", "sdpa")
+    mask = torch.tensor([[1.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+    with configure_packing("sdpa"), pytest.raises(ValueError, match=r"float32 and values other than 0 and 1"):
+        model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=mask, use_cache=False)
+    with configure_packing("sdpa"):  # a float 0/1 padding mask keeps transformers' meaning
+        model(
+            input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=(mask > 0).float(), use_cache=False
+        )
+
+
+@pytest.mark.parametrize(
+    ("mask", "words"),
+    [
+        (
+            torch.tensor([[1, 1, 2, 2, 0]]),
+            r"attention_mask of shape \(1, 5\) does not match the input of shape \(1, 6\)",
+        ),
+        (torch.tensor([[[1, 1, 2, 2, 2, 0]]]), r"attention_mask must be a 2D"),
+    ],
+)
+def test_mismatched_masks_are_refused(make_model, mask, words):
+    model = make_model("llama", "sdpa")
+    with configure_packing("sdpa"), pytest.raises(ValueError, match=words):
+        model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=mask, use_cache=False)
+
+
+def _te_like_backend():
+    """A stand-in for am-attention's "te" backend: attention falling back to transformers' SDPA for every
+    layer (what TE does for dropout in training, skipped layers and torch.compile), masks built like sdpa's."""
+    import transformers
+    import transformers.masking_utils as masking
+
+    from am_packing._patch import ItemPatch, PatchSet
+
+    sdpa = transformers.AttentionInterface._global_mapping["sdpa"]
+
+    def te_attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    return PatchSet(
+        [
+            ItemPatch(transformers.AttentionInterface._global_mapping, "te", te_attention),
+            ItemPatch(masking.AttentionMaskInterface._global_mapping, "te", masking.sdpa_mask),
+        ]
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_te_fallback_layers_get_an_exact_mask(make_model, exact, compiled):
+    """configure_packing("te"): a layer that falls back to SDPA used to get the raw int64 [B, S] mask and
+    crash (TorchRuntimeError under torch.compile); it now gets the block-diagonal 4D mask."""
+    model = make_model("llama", "sdpa")
+    docs = exact.documents()
+    ref_logits, _ = exact.per_document(model, docs, with_grad=False)
+    batch = pack_sequences(docs, 32)
+    with _te_like_backend(), configure_packing("te"), torch.no_grad():
+        model.config._attn_implementation = "te"
+        try:
+            run = torch.compile(model, backend="eager") if compiled else model
+            logits = run(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            ).logits
+        finally:
+            model.config._attn_implementation = "sdpa"
+            torch._dynamo.reset()
+    assert exact.worst(docs, batch, logits, ref_logits) < exact.ATOL
+
+
+def test_te_without_a_mask_entry_is_refused(make_model):
+    """Without "te" in AttentionMaskInterface transformers would build no mask at all: refused, not leaked."""
+    import transformers
+
+    from am_packing._patch import ItemPatch, PatchSet
+
+    model = make_model("llama", "sdpa")
+    sdpa = transformers.AttentionInterface._global_mapping["sdpa"]
+    batch = pack_sequences([[5, 6, 7], [8, 9]], 6)
+    te_only_attention = PatchSet([ItemPatch(transformers.AttentionInterface._global_mapping, "te", sdpa)])
+    with te_only_attention, configure_packing("te"):
+        model.config._attn_implementation = "te"
+        try:
+            with pytest.raises(ValueError, match="has no AttentionMaskInterface entry"):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        finally:
+            model.config._attn_implementation = "sdpa"
+
+
+def test_collator_mask_through_configure_packing(make_model, exact):
+    """The marked collator mask works under the process-wide configure_packing too."""
+    from am_packing import PackingCollator
+
+    model = make_model("mistral", "sdpa")
+    docs = exact.documents()
+    ref_logits, _ = exact.per_document(model, docs, with_grad=False)
+    batch = PackingCollator(32)(docs)
+    with configure_packing("sdpa"), torch.no_grad():
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    assert exact.worst(docs, batch, logits, ref_logits) < exact.ATOL
+
+
+def test_configure_rejects_non_string_backends():
+    with pytest.raises(TypeError, match="attn_implementation must be a str"):
+        configure_packing(None)

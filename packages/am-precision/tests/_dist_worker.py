@@ -33,7 +33,8 @@ class ScaledNorm(nn.Module):
 
 
 class Tiny(nn.Module):
-    # "norm" (non-strict): under FSDP2 only buffers stay fp32; "router" (strict): its own fp32 unit.
+    # "norm" (non-strict, float16 casts only): under FSDP2 only its buffers stay fp32; "router" (strict):
+    # its own fp32 unit.
     _keep_in_fp32_modules = ["norm"]  # noqa: RUF012
     _keep_in_fp32_modules_strict = ["router"]  # noqa: RUF012
 
@@ -100,6 +101,16 @@ def main() -> None:
     except ValueError as exc:
         out["mixed_error"] = str(exc)
     out["mixed_untouched"] = all(p.dtype == torch.float32 for p in mixed.parameters())
+
+    # float16: the non-strict keyword applies too, and keeps only buffers on a sharded model.
+    half = Tiny()
+    for layer in half.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(half.router, mesh=mesh)
+    fully_shard(half, mesh=mesh)
+    cast_model_to_dtype(half, torch.float16)
+    out["fp16_dtypes"] = {n: str(p.dtype).removeprefix("torch.") for n, p in half.named_parameters()}
+    out["fp16_buffers"] = {n: str(b.dtype).removeprefix("torch.") for n, b in half.named_buffers()}
 
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
         json.dump(out, fh)

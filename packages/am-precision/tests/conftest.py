@@ -49,6 +49,62 @@ def _tiny_t5_config():
     )
 
 
+# Small values for the fields of MoE / MLA configs; only those the config class has are set.
+_SMALL_MOE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    qk_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    index_topk=16,  # >= the 12 probe tokens: the sparse indexer keeps every key, so bf16 noise cannot flip a selection
+    index_head_dim=16,
+    index_n_heads=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+    o_groups=2,
+    o_lora_rank=16,
+    hc_mult=2,
+    sliding_window=8,
+    num_nextn_predict_layers=0,
+)
+_PER_TYPE = {"glm_moe_dsa": dict(head_dim=8), "deepseek_v4": dict(num_key_value_heads=1, head_dim=32)}
+
+
+def _tiny_causal_lm(model_type: str, layers: int = 2):
+    """A 2-layer random causal LM of `model_type` from its default config shrunk; skips when absent."""
+    import transformers
+
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in {**_SMALL_MOE, **_PER_TYPE.get(model_type, {}), "num_hidden_layers": layers}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    for key in ("layer_types", "indexer_types", "mlp_layer_types"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):  # keep the first and the last kind (dense then MoE)
+            setattr(config, key, value[: layers - 1] + value[-1:])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def tiny_causal_lm():
+    """`build(model_type)`: a tiny random causal LM of a transformers model type (skips when absent)."""
+    return _tiny_causal_lm
+
+
 @pytest.fixture
 def keep_llama():
     """A tiny Llama whose class declares `_keep_in_fp32_modules` (no tiny stock model in every version does)."""
@@ -139,6 +195,16 @@ def fake_te(monkeypatch):
     }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     import am_precision.availability as availability
+    from am_precision import _contract
 
     monkeypatch.setattr(availability, "HAVE_TE", True)
+    real_version = _contract.library_version
+    # The fake has no distribution metadata: contract errors report its __version__ instead.
+    monkeypatch.setattr(
+        _contract,
+        "library_version",
+        lambda library="transformers": (
+            root.__version__ if library == "transformer_engine" else real_version(library)
+        ),
+    )
     return types.SimpleNamespace(te=pt, recipes=recipe_mod, calls=calls)

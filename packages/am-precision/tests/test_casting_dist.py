@@ -32,8 +32,13 @@ def test_fsdp2_sharded_cast_on_gloo(tmp_path):
         fp32 = {n for n, d in out["dtypes"].items() if d == "float32"}
         assert fp32 == {"router.weight", "router.bias"}  # strict keyword, its own FSDP unit
         assert all(d == "bfloat16" for n, d in out["dtypes"].items() if n not in fp32)
-        # Non-strict "norm": only its buffers stay fp32 once sharded; "norm_scale" is not the segment "norm".
-        assert out["buffers"]["norm.scale"] == "float32"
+        # Non-strict "norm" applies to float16 only (transformers' rule): nothing of it stays fp32 in bf16.
+        assert out["buffers"]["norm.scale"] == "bfloat16"
         assert out["buffers"]["norm_scale"] == "bfloat16"
+        # float16: once sharded only its buffers stay fp32; "norm_scale" is not the segment "norm".
+        assert out["fp16_buffers"]["norm.scale"] == "float32"
+        assert out["fp16_buffers"]["norm_scale"] == "float16"
+        fp16_kept = {n for n, d in out["fp16_dtypes"].items() if d == "float32"}
+        assert fp16_kept == {"router.weight", "router.bias"}
         assert out["router_exact"] and out["finite"] and out["router_grad_dtype"] == "float32"
         assert "shares the FSDP2 unit" in out["mixed_error"] and out["mixed_untouched"]

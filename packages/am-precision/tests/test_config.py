@@ -3,7 +3,8 @@ import warnings
 import pytest
 import torch
 
-from am_precision import BackendConfig, TEFp8Config, dtype_from_str
+from am_precision import BackendConfig, TEFp8Config
+from am_precision.config import dtype_from_str
 
 
 def test_defaults_without_te_or_cuda():

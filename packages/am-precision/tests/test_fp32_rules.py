@@ -2,12 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from am_precision import (
-    get_fp32_module_keywords,
-    get_fp32_parameter_names,
-    get_strict_fp32_module_keywords,
-    name_matches,
-)
+from am_precision import get_fp32_module_keywords, get_fp32_parameter_names
+from am_precision.fp32_rules import fp32_tensor_names, get_strict_fp32_module_keywords, name_matches
 
 
 @pytest.mark.parametrize(
@@ -87,7 +83,8 @@ def test_keywords_merge_strict_first_and_children():
 def test_parameter_names_helper_is_pure_and_exact():
     m = _Holder()
     before = {n: p.dtype for n, p in m.named_parameters()}
-    names = get_fp32_parameter_names(m)
+    assert get_fp32_parameter_names(m) == ["router.weight", "router.bias"]  # bf16: the strict list only
+    names = get_fp32_parameter_names(m, torch.float16)
     assert names == [
         "child.child_only.weight",
         "child.child_only.bias",
@@ -113,7 +110,58 @@ def test_integer_tensors_are_not_listed():
     m = _Holder()
     m.norm.register_buffer("counts", torch.zeros(3, dtype=torch.long))
     m.norm.register_buffer("stat", torch.zeros(3))
-    from am_precision import fp32_tensor_names
-
-    _, buffers = fp32_tensor_names(m)
+    _, buffers = fp32_tensor_names(m, dtype=torch.float16)
     assert buffers == ["norm.stat"]
+    assert fp32_tensor_names(m, dtype=torch.bfloat16) == (["router.weight", "router.bias"], [])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (None, ["bias_c", "router", "norm", "child_only"]),
+        (torch.float16, ["bias_c", "router", "norm", "child_only"]),
+        (torch.bfloat16, ["bias_c", "router"]),
+        (torch.float32, []),
+        (torch.float64, []),
+    ],
+)
+def test_keywords_per_target_dtype(dtype, expected):
+    assert get_fp32_module_keywords(_Holder(), dtype=dtype) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_keywords_per_dtype_are_the_installed_transformers_rule(keep_llama, dtype):
+    """Our rule against transformers' own dtype plan (`PreTrainedModel._get_dtype_plan`, used by
+    `from_pretrained(dtype=...)`), by behaviour on the installed version."""
+    model = keep_llama()
+    plan = getattr(model, "_get_dtype_plan", None)
+    if plan is None:
+        pytest.skip("the installed transformers has no PreTrainedModel._get_dtype_plan to compare with")
+    expected = {k for k, v in plan(dtype).items() if v == torch.float32}
+    assert set(get_fp32_module_keywords(model, dtype=dtype)) == expected
+
+
+def test_a_bare_string_of_keywords_is_a_type_error():
+    # A str is iterable: read as keywords it would be one per character ('n', 'o', 'r', 'm').
+    with pytest.raises(TypeError, match=r"keywords.*did you mean \['norm'\]"):
+        name_matches("model.n.o.r.m", "norm")
+    assert name_matches("model.n.o.r.m", ["n.o.r.m"]) and not name_matches("model.n.o.r.m", ["norm"])
+
+
+@pytest.mark.parametrize("name", [None, 3, b"model.norm", ["model", "norm"]])
+def test_name_must_be_a_str(name):
+    with pytest.raises(TypeError, match="name must be a str"):
+        name_matches(name, ["norm"])
+
+
+@pytest.mark.parametrize("keyword", ["", "a..b", ".norm", 3, None])
+def test_bad_keyword_entries_are_value_errors(keyword):
+    with pytest.raises(ValueError, match="keywords"):
+        name_matches("model.norm", [keyword])
+
+
+@pytest.mark.parametrize("model", [None, 3, "model", object()])
+def test_non_modules_are_type_errors_naming_model(model):
+    for fn in (get_fp32_module_keywords, get_strict_fp32_module_keywords, get_fp32_parameter_names):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+            fn(model)

@@ -91,3 +91,83 @@ def test_meta_and_validation():
         Float32RMSNorm(0)
     with pytest.raises(ValueError, match="use_compile"):
         Float32RMSNorm(4, use_compile="yes")
+
+
+@pytest.mark.skipif(compile_unavailable_reason() is not None, reason="torch.compile unavailable here")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_never_recompiles_for_a_new_shape(backend, monkeypatch):
+    """Variable sequence lengths and batch sizes, a hidden norm (3D) and a per-head norm on a view (4D),
+    train and no_grad steps: every output and gradient equals the fp32 reference, and once each kernel has
+    seen its dynamic graph and the one-row graph, no new shape compiles anything."""
+    from torch._dynamo.utils import counters
+
+    from am_precision import norms
+
+    # raising=False: the same test runs (and hit dynamo's recompile limit) before the backend knob existed.
+    monkeypatch.setattr(norms, "_BACKEND", backend, raising=False)
+    hidden = Float32RMSNorm(64, eps=1e-6)
+    head = Float32RMSNorm(16, eps=1e-6, dtype=torch.float32)  # another width and another weight dtype
+    with torch.no_grad():
+        hidden.weight.copy_(torch.randn(64).to(torch.bfloat16))
+        head.weight.copy_(torch.randn(16))
+    proj = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
+
+    def step(batch, seq, train):
+        x = (torch.randn(batch, seq, 64) * 3).to(torch.bfloat16).requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            h = hidden(x)
+            q = proj(h).view(batch, seq, 4, 16)  # a view whose base is 3D, as q_norm sees it
+            out = head(q)
+        torch.testing.assert_close(out, float32_rms_norm(q, head.weight, 1e-6), rtol=BF16_RTOL, atol=1e-6)
+        if train:
+            hidden.weight.grad = head.weight.grad = None
+            g = torch.randn_like(out)
+            out.backward(g)
+            _, _, ref_gw = _reference(q, head.weight, 1e-6, g)
+            torch.testing.assert_close(head.weight.grad, ref_gw, rtol=BF16_RTOL, atol=1e-4)
+            assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+    before = counters["stats"]["unique_graphs"]
+    for batch, seq, train in [(1, 1, True), (2, 3, True), (1, 7, False), (3, 5, True), (2, 1, False)]:
+        step(batch, seq, train)
+    warm = counters["stats"]["unique_graphs"]
+    # Two (input, weight) dtype pairs x forward/backward kernels x (dynamic graph, one-row graph).
+    assert warm - before <= 8
+    for batch, seq, train in [(4, 9, True), (1, 23, True), (5, 2, False), (2, 31, True), (1, 12, False)]:
+        step(batch, seq, train)
+    assert counters["stats"]["unique_graphs"] == warm, "a new input shape recompiled"
+
+
+def test_compiled_function_backward_matches_autograd_of_the_eager_math():
+    """The closed-form backward of the compiled path against autograd through `float32_rms_norm`."""
+    from am_precision import norms
+
+    x = (torch.randn(4, 6, 32) * 2).requires_grad_(True)
+    w = torch.randn(32, requires_grad=True)
+    g = torch.randn(4, 6, 32)
+    y_ref = float32_rms_norm(x, w, 1e-5)
+    y_ref.backward(g)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    x2, w2 = x.detach().reshape(-1, 32), w.detach()
+    _, rstd = norms._forward_2d(x2, w2, 1e-5)
+    fx, fw = norms._backward_2d(g.reshape(-1, 32), x2, w2, rstd)
+    torch.testing.assert_close(fx.view_as(x), gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [-1, -1e-6, float("nan"), float("inf")])
+def test_bad_eps_is_a_value_error_naming_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        Float32RMSNorm(8, eps=eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, True, torch.tensor(1e-5)])
+def test_non_numeric_eps_is_a_type_error_naming_eps(eps):
+    with pytest.raises(TypeError, match="eps"):
+        Float32RMSNorm(8, eps=eps)
+
+
+def test_input_width_mismatch_is_a_value_error():
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        Float32RMSNorm(8, use_compile=False)(torch.randn(2, 4))

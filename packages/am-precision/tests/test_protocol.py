@@ -53,7 +53,7 @@ def test_contract_drift_raises_naming_function_and_version(fake_te, monkeypatch)
 
     monkeypatch.setattr(fake_te.te.Linear, "forward", drifted)
     with pytest.raises(
-        RuntimeError, match=r"Linear\.forward.*is_first_microbatch.*transformer-engine 0\.0-fake"
+        RuntimeError, match=r"Linear\.forward.*is_first_microbatch.*transformer_engine 0\.0-fake"
     ):
         am_precision.patch_te_modules()
     assert not am_precision.te_lazy._default_patcher.applied

@@ -6,7 +6,6 @@ Importing this package patches nothing, imports no optional kernel and never tou
 from .flash_flags import patch_legacy_flash_attn_flag, unpatch_legacy_flash_attn_flag
 from .reference import ReferenceDotProductAttention
 from .selection import (
-    ATTN_PRIORITY,
     DEFAULT_ATTN_IMPLEMENTATION,
     PACKED_SEQUENCE_BACKENDS,
     apply_preload_overrides,
@@ -20,25 +19,17 @@ from .te_backend import (
     te_attention_forward,
     unregister_te_attention_backend,
 )
-from .te_inject import (
-    TEAttentionHandle,
-    inject_te_attention,
-    inject_te_attention_into_module,
-    plan_te_attention,
-    remove_te_attention,
-)
+from .te_inject import inject_te_attention, inject_te_attention_into_module, remove_te_attention
 from .te_masks import detect_causal_mask
-from .te_params import AttnParams, infer_attn_params, proj_out_features
+from .te_params import infer_attn_params, proj_out_features
+from .te_plan import plan_te_attention
 from .version import __version__
 
 __all__ = [
-    "ATTN_PRIORITY",
     "DEFAULT_ATTN_IMPLEMENTATION",
     "PACKED_SEQUENCE_BACKENDS",
     "TE_ATTN_IMPLEMENTATION",
-    "AttnParams",
     "ReferenceDotProductAttention",
-    "TEAttentionHandle",
     "__version__",
     "apply_preload_overrides",
     "detect_causal_mask",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._contract import contract_error, import_module_checked
-from ._patch import PATCH_MARKER, Patch, PatchSet
+from ._patch import PATCH_MARKER, GlobalPatch, Patch, PatchSet
 
 __all__ = ["patch_legacy_flash_attn_flag", "unpatch_legacy_flash_attn_flag"]
 
@@ -43,45 +43,30 @@ def _make_bridge(base: type, default: Any) -> _LegacyFlagBridge:
     return bridge
 
 
-def _contract(base: type) -> None:
-    own = vars(base).get(_ATTR)
-    if not isinstance(own, bool):
-        raise contract_error(
-            f"transformers.modeling_utils.PreTrainedModel.{_ATTR}",
-            f"expected a bool class attribute, found {own!r}",
-        )
+def _contract(live: Any) -> None:
+    what = f"transformers.modeling_utils.PreTrainedModel.{_ATTR}"
+    if isinstance(live, _LegacyFlagBridge):  # a bridge whose handle is gone (e.g. a reloaded am_attention)
+        raise RuntimeError(f"{what} already holds a legacy-flag bridge that this process did not record")
+    if not isinstance(live, bool):
+        raise contract_error(what, f"expected a bool class attribute, found {live!r}")
 
 
-_active: PatchSet | None = None
+def _build() -> PatchSet:
+    base = import_module_checked("transformers.modeling_utils").PreTrainedModel
+    # The bridge answers the original flag when no subclass says otherwise; the contract (phase 1 of
+    # PatchSet.apply) refuses anything but a bool there before the bridge is set.
+    bridge = _make_bridge(base, vars(base).get(_ATTR))
+    return PatchSet([Patch(base, _ATTR, bridge, contract=_contract)], name="legacy_flash_attn_flag")
+
+
+_FLAG = GlobalPatch(_build)
 
 
 def patch_legacy_flash_attn_flag() -> PatchSet:
     """Install the bridge (idempotent); returns the handle, also undone by `unpatch_legacy_flash_attn_flag()`."""
-    global _active
-    if _active is not None and _active.applied:
-        return _active
-    mu = import_module_checked("transformers.modeling_utils")
-    base = mu.PreTrainedModel
-    live = vars(base).get(_ATTR)
-    if isinstance(live, _LegacyFlagBridge):  # a previous handle was lost; nothing to do twice
-        raise RuntimeError(
-            f"PreTrainedModel.{_ATTR} already holds a legacy-flag bridge that this process did not record"
-        )
-    _contract(base)
-    bridge = _make_bridge(base, live)
-    patches = PatchSet(
-        [Patch(base, _ATTR, bridge, contract=lambda _value: _contract(base))],
-        name="legacy_flash_attn_flag",
-    )
-    patches.apply()
-    _active = patches
-    return patches
+    return _FLAG.apply()
 
 
 def unpatch_legacy_flash_attn_flag() -> None:
     """Restore the original `PreTrainedModel._supports_flash_attn`; a no-op when not patched."""
-    global _active
-    if _active is None:
-        return
-    _active.revert()
-    _active = None
+    _FLAG.revert()

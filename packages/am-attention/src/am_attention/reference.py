@@ -7,6 +7,7 @@ have TE's shapes (heads flattened: [B, S, H*D] for bshd, [S, B, H*D] for sbhd, [
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -33,10 +34,27 @@ class ReferenceDotProductAttention(torch.nn.Module):
         softmax_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if qkv_format not in _FORMATS:
-            raise ValueError(f"qkv_format must be one of {_FORMATS}, got {qkv_format!r}")
-        if attn_mask_type not in _MASK_TYPES:
-            raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {attn_mask_type!r}")
+        num_attention_heads = _positive_int("num_attention_heads", num_attention_heads)
+        kv_channels = _positive_int("kv_channels", kv_channels)
+        if num_gqa_groups is not None:
+            num_gqa_groups = _positive_int("num_gqa_groups", num_gqa_groups)
+        if (
+            isinstance(attention_dropout, bool)
+            or not isinstance(attention_dropout, (int, float))
+            or not 0.0 <= attention_dropout < 1.0
+        ):
+            raise ValueError(f"attention_dropout must be a float in [0, 1), got {attention_dropout!r}")
+        if softmax_scale is not None and (
+            isinstance(softmax_scale, bool)
+            or not isinstance(softmax_scale, (int, float))
+            or not math.isfinite(softmax_scale)
+            or softmax_scale <= 0
+        ):
+            raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+        if window_size is not None:
+            window_size = _window("window_size", window_size)
+        _choice("qkv_format", qkv_format, _FORMATS)
+        _choice("attn_mask_type", attn_mask_type, _MASK_TYPES)
         groups = num_attention_heads if num_gqa_groups is None else num_gqa_groups
         if num_attention_heads % groups:
             raise ValueError(
@@ -67,11 +85,9 @@ class ReferenceDotProductAttention(torch.nn.Module):
     ) -> torch.Tensor:
         fmt = qkv_format or self.qkv_format
         mask_type = attn_mask_type or self.attn_mask_type
-        window = tuple(window_size) if window_size is not None else self.window_size
-        if fmt not in _FORMATS:
-            raise ValueError(f"qkv_format must be one of {_FORMATS}, got {fmt!r}")
-        if mask_type not in _MASK_TYPES:
-            raise ValueError(f"attn_mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
+        window = _window("window_size", window_size) if window_size is not None else self.window_size
+        _choice("qkv_format", fmt, _FORMATS)
+        _choice("attn_mask_type", mask_type, _MASK_TYPES)
         if attention_mask is not None:
             raise ValueError(
                 "the reference kernel takes no attention_mask tensor; use attn_mask_type/cu_seqlens"
@@ -110,6 +126,8 @@ class ReferenceDotProductAttention(torch.nn.Module):
 
     def _thd(self, q, k, v, cu_q, cu_kv, mask_type, window, dropout) -> torch.Tensor:
         t = q.shape[0]
+        _check_cu("cu_seqlens_q", cu_q, t)
+        _check_cu("cu_seqlens_kv", cu_kv, k.shape[0])
         pos = torch.arange(t, device=q.device)
         doc_q = torch.searchsorted(cu_q[1:].to(torch.long), pos, right=True)
         doc_k = torch.searchsorted(
@@ -145,3 +163,33 @@ def _band(sq: int, sk: int, window: tuple[int, int], device: torch.device) -> to
     if window[0] >= 0:
         mask = mask & (j >= i - window[0])
     return mask
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _window(name: str, value: object) -> tuple[int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in value)
+    ):
+        raise ValueError(f"{name} must be a pair of ints >= -1, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_cu(name: str, cu: object, tokens: int) -> None:
+    """1D integer, starts at 0, never decreases, ends within the `tokens` given (the reference reads it: one sync)."""
+    if not isinstance(cu, torch.Tensor) or cu.ndim != 1 or cu.numel() < 2 or cu.is_floating_point():
+        raise ValueError(f"{name} must be a 1D integer tensor of at least 2 offsets, got {cu!r}")
+    values = cu.tolist()
+    if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)) or values[-1] > tokens:
+        raise ValueError(f"{name} must rise from 0 to at most the {tokens} tokens given, got {values}")

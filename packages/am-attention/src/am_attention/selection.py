@@ -12,10 +12,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ATTN_PRIORITY",
     "DEFAULT_ATTN_IMPLEMENTATION",
     "PACKED_SEQUENCE_BACKENDS",
-    "SELF_MASKING_BACKENDS",
     "apply_preload_overrides",
     "next_fallback_attn",
     "verify_sdpa_support",
@@ -54,6 +52,8 @@ SELF_MASKING_BACKENDS: tuple[str, ...] = ("magi",)
 
 def next_fallback_attn(attn_implementation: str) -> str:
     """The next lower implementation in `ATTN_PRIORITY` ("eager" stays "eager"; unknown names give "eager")."""
+    if not isinstance(attn_implementation, str):
+        raise TypeError(f"attn_implementation must be a str, got {attn_implementation!r}")
     if attn_implementation in ATTN_PRIORITY:
         pos = ATTN_PRIORITY.index(attn_implementation)
         return ATTN_PRIORITY[max(0, pos - 1)]
@@ -63,6 +63,12 @@ def next_fallback_attn(attn_implementation: str) -> str:
 def _check_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
 
 
@@ -82,6 +88,8 @@ def apply_preload_overrides(
     """
     tp_size = _check_size("tp_size", tp_size)
     cp_size = _check_size("cp_size", cp_size)
+    has_packed_sequence = _check_flag("has_packed_sequence", has_packed_sequence)
+    use_liger_kernel = _check_flag("use_liger_kernel", use_liger_kernel)
     if not isinstance(attn_implementation, str):
         raise TypeError(f"attn_implementation must be a str, got {attn_implementation!r}")
     if tp_size > 1 or cp_size > 1:
@@ -123,6 +131,6 @@ def verify_sdpa_support(model: Any, cp_size: int) -> None:
     cp_size = _check_size("cp_size", cp_size)
     if cp_size > 1 and getattr(model, "_supports_sdpa", False) is not True:
         raise ValueError(
-            f"{type(model).__name__} does not support SDPA (_supports_sdpa is not True), "
+            f"model {type(model).__name__} does not support SDPA (_supports_sdpa is not True), "
             f"which context parallelism (cp_size={cp_size}) requires"
         )

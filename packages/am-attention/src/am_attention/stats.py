@@ -1,8 +1,12 @@
-"""Dispatch counters of the TE attention path (a plain dict; increments are cheap and compile-safe)."""
+"""Dispatch counters of the TE attention path: a plain dict of ints.
+
+Only eager code counts: under torch.compile the "te" call runs outside the graph (see `te_backend`), so
+the counters never become guards or graph inputs.
+"""
 
 from __future__ import annotations
 
-__all__ = ["STAT_KEYS", "get_te_attention_stats", "reset_te_attention_stats"]
+__all__ = ["get_te_attention_stats", "reset_te_attention_stats"]
 
 #: te_hits: calls that ran the DotProductAttention kernel in BSHD; te_thd_hits: of those, packed THD calls;
 #: fallback_*: calls that ran the original SDPA instead, by reason.

@@ -1,91 +1,44 @@
 """The "te" attention backend: a transformers attention function that runs a DotProductAttention per module.
 
-Registered under `attn_implementation="te"` in transformers' `AttentionInterface` (and the
-matching mask function in `AttentionMaskInterface`, which builds SDPA-style masks). Both are
-registry entries applied through `ItemPatch`, so registering is explicit and undone exactly.
-Nothing process-global is swapped: models whose config names another backend never reach this
-code, and modules without an injected kernel run transformers' own SDPA function.
+Registered under `attn_implementation="te"` in transformers' `AttentionInterface` (and the matching mask
+function in `AttentionMaskInterface`, which builds SDPA-style masks). Both are registry entries applied
+through `ItemPatch` under one process-wide `GlobalPatch`, so registering is explicit and undone exactly.
+Nothing process-global is swapped: models whose config names another backend never reach this code, and
+modules without an injected kernel run transformers' own SDPA function (with the exact mask, see
+`te_dispatch`).
 
-Per call the dispatcher reads only Python attributes and tensor shapes. Mask classification and
-packed-document boundaries need the mask's values; they are computed once per mask object (one
-host synchronisation per forward, memoised for the other layers) and skipped while tracing with
-torch.compile, where a 4D mask falls back to SDPA and a `None` mask runs the kernel directly —
-so the kernel path has no graph break.
+Injected modules hold a `Lease` on the registration: the first registers "te" when it is not registered,
+and the registration a lease made goes with the last lease, released by `remove_te_attention` or when an
+injected model is garbage-collected without it. Copies of injected models (deepcopy, pickle) take their
+own leases, so they keep working after the original is removed.
+
+Under `torch.compile` the call runs outside the graph (one graph break per attention call): which kernel
+path a batch takes depends on tensor values, and deciding it there keeps compiled numbers equal to eager
+ones, the dispatch counters free of guards and the decisions memoised once per forward.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
+import warnings
+import weakref
 from typing import Any
 
 import torch
 
-from . import stats
 from ._contract import contract_error, import_module_checked, require_parameters
-from ._patch import ItemPatch, PatchSet, mark
-from .te_masks import PackedInfo, classify_mask_cached, packed_info_cached, packed_mask_matches
+from ._patch import GlobalPatch, ItemPatch, PatchSet, mark
+from .te_dispatch import dispatch
 
 __all__ = [
     "TE_ATTN_IMPLEMENTATION",
-    "is_te_attention_backend_registered",
     "register_te_attention_backend",
     "te_attention_forward",
     "unregister_te_attention_backend",
 ]
 
 TE_ATTN_IMPLEMENTATION = "te"
-KERNEL_ATTR = "attn_module"  # the seed's name: tools detect TE attention by this attribute
-PARAMS_ATTR = "_am_te_params"
-
-# Set when the backend is registered: the SDPA attention and mask functions we delegate to.
-_DELEGATES: dict[str, Any] = {}
-_registration: PatchSet | None = None
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    sdpa = _DELEGATES.get("attention")
-    if sdpa is None:
-        raise RuntimeError("the 'te' attention backend was called without being registered")
-    return sdpa(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=dropout,
-        scaling=scaling,
-        is_causal=is_causal,
-        **kwargs,
-    )
-
-
-def _packed(
-    query: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]
-) -> tuple[PackedInfo | None, str]:
-    """Packed-batch boundaries, or (None, reason) — reason "" means not packed."""
-    batch, _, seq, _ = query.shape
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is not None and cu_k is not None:
-        if batch != 1 or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
-            return None, "fallback_shape"
-        max_len = kwargs.get("max_length_q")
-        if max_len is None:
-            max_len = int((cu_q[1:] - cu_q[:-1]).max().item())
-        return PackedInfo(cu_q.to(torch.int32), None, int(max_len), seq), ""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-        if attention_mask.dtype == torch.bool or attention_mask.is_floating_point() or _compiling():
-            return None, "fallback_mask"
-        return packed_info_cached(attention_mask, "indexed", batch), ""
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and not _compiling():
-        info = packed_info_cached(position_ids, "position_ids", batch)
-        if info is not None:
-            return info, ""
-    return None, ""
 
 
 def te_attention_forward(
@@ -100,103 +53,19 @@ def te_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: [B, H, S, D] inputs, [B, S, H, D] output, like SDPA's."""
-    args = (module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    kernel = vars(module).get(KERNEL_ATTR)
-    params = vars(module).get(PARAMS_ATTR)
-    if kernel is None or params is None:
-        stats.count("fallback_not_injected")
-        return _fallback(*args)
-    if dropout != 0.0:
-        stats.count("fallback_dropout")  # the kernel is built without dropout (see te_inject)
-        return _fallback(*args)
-    if scaling is not None and abs(float(scaling) - params.softmax_scale) > 1e-6 * params.softmax_scale:
-        stats.count("fallback_scale_mismatch")  # TE fixes softmax_scale at construction
-        return _fallback(*args)
-    runtime_window = kwargs.get("sliding_window")
-    if runtime_window is not None and params.window_size[0] != runtime_window - 1:
-        stats.count("fallback_window_mismatch")
-        return _fallback(*args)
-    batch, heads, seq, head_dim = query.shape
-    if key.shape[2] != seq or heads != params.num_heads:
-        stats.count("fallback_shape")  # decoding with a cache, or a module reshaped after injection
-        return _fallback(*args)
-    if key.shape[1] != params.num_kv_heads:
-        if key.shape[1] != heads:
-            stats.count("fallback_shape")
-            return _fallback(*args)
-        # repeat_kv already expanded the kv heads; TE groups them natively, so take one copy per group
-        n_rep = heads // params.num_kv_heads
-        key, value = key[:, ::n_rep], value[:, ::n_rep]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    packed, reason = _packed(query, attention_mask, kwargs)
-    if reason:
-        stats.count(reason)
-        return _fallback(*args)
-    if packed is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or not packed_mask_matches(
-            attention_mask, position_ids.expand(batch, -1), params.window_size[0]
-        ):
-            stats.count("fallback_mask")
-            return _fallback(*args)
-    if packed is not None:
-        return _run_thd(kernel, params, query, key, value, packed, causal), None
-    if attention_mask is None:
-        mask_type = "causal" if causal and seq > 1 else "no_mask"
-    elif (
-        attention_mask.ndim == 4
-        and not _compiling()
-        and classify_mask_cached(attention_mask, params.window_size)
-    ):
-        mask_type = "causal"
-    else:
-        stats.count("fallback_mask")
-        return _fallback(*args)
-    stats.count("te_hits")
-    # TE's fused kernels read q/k/v through their bshd strides as if contiguous: hand them dense tensors
-    # (transformers' [B, H, S, D] transposed views and repeat_kv's strided undo are not).
-    out = kernel(
-        query.transpose(1, 2).contiguous(),
-        key.transpose(1, 2).contiguous(),
-        value.transpose(1, 2).contiguous(),
-        qkv_format="bshd",
-        attn_mask_type=mask_type,
-        window_size=params.window_size if mask_type == "causal" else (-1, -1),
-    )
-    return out.view(batch, seq, heads, head_dim), None
-
-
-def _run_thd(kernel, params, query, key, value, packed: PackedInfo, causal: bool) -> torch.Tensor:
-    stats.count("te_hits")
-    stats.count("te_thd_hits")
-    batch, heads, seq, head_dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)
-    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)
-    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, value.shape[-1])
-    if packed.indices is not None:
-        q, k, v = (t.index_select(0, packed.indices) for t in (q, k, v))
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = kernel(
-        q,
-        k,
-        v,
-        qkv_format="thd",
-        cu_seqlens_q=packed.cu_seqlens,
-        cu_seqlens_kv=packed.cu_seqlens,
-        max_seqlen_q=packed.max_seqlen,
-        max_seqlen_kv=packed.max_seqlen,
-        attn_mask_type="padding_causal" if causal else "padding",
-        window_size=params.window_size if causal else (-1, -1),
-    ).view(-1, heads, head_dim)
-    if packed.indices is not None:
-        out = out.new_zeros(batch * seq, heads, head_dim).index_copy(0, packed.indices, out)
-    return out.view(batch, seq, heads, head_dim)
+    backend = _BACKEND.active
+    if backend is None:
+        raise RuntimeError("the 'te' attention backend was called without being registered")
+    run = backend.outside_graph if torch.compiler.is_compiling() else dispatch
+    return run(backend.sdpa, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
 
 def te_mask(*args: Any, **kwargs: Any) -> Any:
     """Mask function for "te": SDPA's (bool masks, or None when transformers can skip the causal mask)."""
-    return _DELEGATES["mask"](*args, **kwargs)
+    backend = _BACKEND.active
+    if backend is None:
+        raise RuntimeError("the 'te' attention mask function was called without being registered")
+    return backend.sdpa_mask(*args, **kwargs)
 
 
 mark(te_attention_forward, "am_attention.te_attention_forward")
@@ -221,9 +90,14 @@ def _interfaces() -> tuple[type, type]:
 # function (its **kwargs would swallow them silently), so the mask it builds honours the mask function,
 # the padding mask and the causal-skip request the "te" dispatcher classifies.
 _MASK_PARAMETERS = ("batch_size", "kv_length", "mask_function", "attention_mask", "allow_is_causal_skip")
+_ATTENTION_PARAMETERS = ("module", "query", "key", "value", "attention_mask", "scaling", "is_causal")
 
 
-def _check_mask_delegate(sdpa_mask: Any) -> None:
+def _check_attention_delegate(sdpa: Any, _live: Any = None) -> None:
+    require_parameters(sdpa, _ATTENTION_PARAMETERS, "transformers.modeling_utils.AttentionInterface['sdpa']")
+
+
+def _check_mask_delegate(sdpa_mask: Any, _live: Any = None) -> None:
     what = "transformers.masking_utils.AttentionMaskInterface['sdpa']"
     sig = require_parameters(sdpa_mask, (), what)
     keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -234,61 +108,122 @@ def _check_mask_delegate(sdpa_mask: Any) -> None:
         raise contract_error(what, f"expected keyword parameters {missing} in signature {sig}")
 
 
-def register_te_attention_backend() -> PatchSet:
-    """Register `attn_implementation="te"` (attention + mask functions); idempotent; undo with `unregister_...`."""
-    global _registration
-    if _registration is not None and _registration.applied:
-        return _registration
+def _build_registration() -> PatchSet:
+    """The two registry entries; their contracts check the SDPA functions "te" delegates to."""
     attn_iface, mask_iface = _interfaces()
     sdpa = attn_iface._global_mapping["sdpa"]
     sdpa_mask = mask_iface._global_mapping["sdpa"]
-
-    def check_attention(_live: Any) -> None:
-        require_parameters(
-            sdpa, ["module", "query", "key", "value", "attention_mask", "scaling", "is_causal"]
-        )
-
-    # Both delegates are checked before the first registry write.
-    check_attention(None)
-    _check_mask_delegate(sdpa_mask)
-
     patches = PatchSet(
         [
             ItemPatch(
                 attn_iface._global_mapping,
                 TE_ATTN_IMPLEMENTATION,
                 te_attention_forward,
-                contract=check_attention,
+                contract=lambda _live: _check_attention_delegate(sdpa),
                 label="AttentionInterface._global_mapping",
             ),
             ItemPatch(
                 mask_iface._global_mapping,
                 TE_ATTN_IMPLEMENTATION,
                 te_mask,
+                contract=lambda _live: _check_mask_delegate(sdpa_mask),
                 label="AttentionMaskInterface._global_mapping",
             ),
         ],
         name="te_attention_backend",
     )
-    _DELEGATES.update(attention=sdpa, mask=sdpa_mask)
-    try:
-        patches.apply()
-    except BaseException:
-        _DELEGATES.clear()
-        raise
-    _registration = patches
+    # What the registered functions delegate to, kept with the registration they belong to. transformers
+    # imports torch._dynamo, so building the compile-time entry here costs the import of nothing.
+    patches.sdpa, patches.sdpa_mask = sdpa, sdpa_mask  # type: ignore[attr-defined]
+    patches.outside_graph = torch.compiler.disable(dispatch)  # type: ignore[attr-defined]
     return patches
 
 
+_BACKEND = GlobalPatch(_build_registration)
+
+
+class _Leases:
+    """How many injected modules hold the registration, and whether the last one takes it away."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.count = 0
+        self.owned = False  # True: made for leases (or unregistered while leased): goes with the last lease
+
+
+_LEASES = _Leases()
+
+
+def check_registration() -> None:
+    """Phase 1 of an injection: the registration's contracts, when "te" is not registered yet."""
+    if _BACKEND.active is None:
+        _build_registration().check()
+
+
+def _acquire() -> None:
+    with _LEASES.lock:
+        if _BACKEND.active is None:
+            _BACKEND.apply()
+            _LEASES.owned = True
+        _LEASES.count += 1
+
+
+def _release(collected: bool) -> None:
+    with _LEASES.lock:
+        _LEASES.count -= 1
+        if _LEASES.count or not _LEASES.owned:
+            return
+        try:
+            _BACKEND.revert()
+        except RuntimeError as exc:  # something was registered over "te": leave both, say so
+            if not collected:
+                raise
+            warnings.warn(f"the 'te' backend stays registered: {exc}", RuntimeWarning, stacklevel=2)
+            return
+        _LEASES.owned = False
+
+
+class Lease:
+    """Keeps "te" registered while an injected module holds it; `release()` (or garbage collection) gives it back."""
+
+    def __init__(self) -> None:
+        _acquire()
+        self._finalizer = weakref.finalize(self, _release, True)
+        self._finalizer.atexit = False  # nothing to give back when the interpreter exits
+
+    def release(self) -> None:
+        if self._finalizer.detach() is not None:
+            _release(False)
+
+
+def live_leases() -> int:
+    """How many injected modules hold the registration (tests use it to find leaked injections)."""
+    return _LEASES.count
+
+
+def register_te_attention_backend() -> PatchSet:
+    """Register `attn_implementation="te"` (attention + mask functions); idempotent; undo with `unregister_...`.
+
+    An explicit registration stays until `unregister_te_attention_backend()`, also after injections end.
+    """
+    with _LEASES.lock:
+        handle = _BACKEND.apply()
+        _LEASES.owned = False
+        return handle
+
+
 def unregister_te_attention_backend() -> None:
-    """Remove the "te" registry entries; a no-op when not registered."""
-    global _registration
-    if _registration is None:
-        return
-    _registration.revert()
-    _registration = None
-    _DELEGATES.clear()
+    """Remove the "te" registry entries; a no-op when not registered.
+
+    While injected modules still use the backend it stays, and goes when the last of them is removed.
+    """
+    with _LEASES.lock:
+        if _LEASES.count:
+            _LEASES.owned = True
+            return
+        _BACKEND.revert()
+        _LEASES.owned = False
 
 
 def is_te_attention_backend_registered() -> bool:
-    return _registration is not None and _registration.applied
+    return _BACKEND.active is not None

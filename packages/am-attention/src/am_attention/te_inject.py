@@ -1,43 +1,46 @@
 """Inject a DotProductAttention kernel into every compatible attention module of a HF model, and undo it.
 
-`inject_te_attention(model)` (1) registers the "te" backend in transformers' attention
-registries, (2) gives each compatible attention module (layout read off the module, dispatch
-probed by calling its forward, see `te_probe`) its kernel (`module.attn_module`, kept
-out of `state_dict` and `parameters()` because it is stored in the instance dict, not as a
-submodule) and its parameters, (3) points the configs of those modules at `attn_implementation="te"`
-and (4) sets `model._te_attention_injected`. Every step is a `Patch`; `remove_te_attention(model)`
-or the returned handle's `revert()` restores the model exactly. `plan_te_attention(model)` reports
-the same decisions without changing anything.
+`inject_te_attention(model)` gives each compatible attention module (see `te_plan`) its kernel
+(`module.attn_module`, kept out of `state_dict` and `parameters()` because it is stored in the instance
+dict, not as a submodule) and its parameters, points the model's modules at their own copies of the
+configs they read, set to `attn_implementation="te"` (a config shared with another model is never
+changed), sets `model._te_attention_injected`, and keeps "te" registered while it lasts.
+
+Every change is a `Patch`, applied in two phases: every contract first (the forward's dispatch, the
+config's backend field, the registry's SDPA functions), then every set; a failed check changes nothing.
+What an injection changed on a module is recorded on that module (`_am_te_state`), so the record
+travels with the module: `remove_te_attention` finds it on the original, on a `copy.deepcopy` (a whole
+model or a pipeline stage cut from one) and on an unpickled model alike, and each copy holds its own
+lease on the registration. Nothing process-global refers to an injected model: dropped without undo it is
+freed, and "te" goes with the last injected model.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
+import copy
+import functools
 import logging
-import sys
 import warnings
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from . import te_backend
-from ._contract import contract_error, require_parameters, require_result
 from ._patch import Patch, PatchSet
-from .te_backend import KERNEL_ATTR, PARAMS_ATTR, TE_ATTN_IMPLEMENTATION
-from .te_params import AttnParams, check_attention_module
-from .te_probe import CONFIG_ATTR, check_dispatch, selecting_config
+from .te_dispatch import KERNEL_ATTR, PARAMS_ATTR
+from .te_params import AttnParams
+from .te_plan import (
+    STATE_ATTR,
+    decide,
+    default_dot_product_attention_cls,
+    has_foreign_kernel,
+    is_candidate,
+    is_injected,
+)
+from .te_probe import CONFIG_ATTR, selecting_config
 
-__all__ = [
-    "TEAttentionHandle",
-    "default_dot_product_attention_cls",
-    "inject_te_attention",
-    "inject_te_attention_into_module",
-    "plan_te_attention",
-    "remove_te_attention",
-]
+__all__ = ["inject_te_attention", "inject_te_attention_into_module", "remove_te_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,86 +57,79 @@ class _InstanceDictPatch(Patch):
         del vars(self.target)[self.attr]
 
 
-class TEAttentionHandle(PatchSet):
-    """The patches of one injection; `revert()` (or leaving the `with` block) undoes them."""
+class _Record:
+    """The patches one injection made on one module; stored on that module, so copies carry their own.
 
-    def __init__(self, model: torch.nn.Module, patches: list[Patch], taken: list[str]) -> None:
-        super().__init__(patches, name="te_attention")
-        self.model_ref = weakref.ref(model)
-        self.taken = taken  # module names that run the kernel
+    A record of a module that runs the kernel holds a `te_backend.Lease`; a copy (deepcopy or unpickle) of
+    an applied record takes a new one. The model's record also keeps the injection's handle.
+    """
 
-    def revert(self) -> None:
-        # Refuse before touching anything when a foreign patch sits on ours, so a retry can succeed.
-        for patch in self.patches:
-            patch.check_revertible()
-        model = self.model_ref()
-        if model is not None:
-            _MODEL_HANDLES.pop(model, None)
-            for module in model.modules():
-                handle = _MODULE_HANDLES.pop(module, None)
-                if handle is not None:
-                    handle.revert()
-        super().revert()
-        if not any(h.applied for h in _MODEL_HANDLES.values()) and _registered_by_injection[0]:
-            te_backend.unregister_te_attention_backend()
-            _registered_by_injection[0] = False
+    def __init__(self, patches: list[Patch], uses_backend: bool) -> None:
+        self.patches = patches
+        self.uses_backend = uses_backend
+        self.handle: PatchSet | None = None
+        self._lease: te_backend.Lease | None = None
 
+    @property
+    def applied(self) -> bool:
+        return all(p.applied for p in self.patches)
 
-_MODEL_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, TEAttentionHandle] = weakref.WeakKeyDictionary()
-_MODULE_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, PatchSet] = weakref.WeakKeyDictionary()
-_registered_by_injection = [False]
+    def hold(self) -> None:
+        if self.uses_backend and self._lease is None and self.applied:
+            self._lease = te_backend.Lease()
 
+    def release(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
-def default_dot_product_attention_cls() -> Callable[..., torch.nn.Module]:
-    """transformer_engine.pytorch.DotProductAttention when transformer-engine is installed, else the reference."""
-    if importlib.util.find_spec("transformer_engine") is not None:
-        import transformer_engine.pytorch as te  # the [te] extra; import errors propagate
+    def __getstate__(self) -> dict[str, Any]:
+        return {"patches": self.patches, "uses_backend": self.uses_backend, "handle": self.handle}
 
-        return te.DotProductAttention
-    from .reference import ReferenceDotProductAttention
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lease = None
+        self.hold()
 
-    logger.info("transformer-engine is not installed; using the SDPA reference DotProductAttention")
-    return ReferenceDotProductAttention
-
-
-def _is_candidate(module: torch.nn.Module) -> bool:
-    if any(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj")):
-        return True
-    return type(module).__name__.endswith("Attention") and any(True for _ in module.children())
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Record:
+        new = _Record.__new__(_Record)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
 
-def plan_te_attention(model: torch.nn.Module) -> list[tuple[str, bool, str]]:
-    """For each attention-like module: `(name, taken, reason)`; pure (the model is not changed)."""
-    plan: list[tuple[str, bool, str]] = []
-    for name, module in model.named_modules():
-        if not _is_candidate(module):
-            continue
-        if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
-            injected = isinstance(vars(module).get(PARAMS_ATTR), AttnParams)
-            plan.append((name, injected, "injected" if injected else f"already has {KERNEL_ATTR}"))
-            continue
-        params, reason = check_attention_module(module)
-        if params is None:
-            plan.append((name, False, reason))
-            continue
-        try:
-            skip = _dispatch_verdict(module, params)
-        except RuntimeError as exc:  # inject_te_attention raises this before changing anything
-            plan.append((name, False, f"refused: {exc}"))
-            continue
-        if skip:
-            plan.append((name, False, skip))
-        elif params.window_size[0] >= 0:
-            plan.append((name, True, f"causal, sliding window {params.window_size[0] + 1}"))
-        else:
-            plan.append((name, True, "causal" if getattr(module, "is_causal", True) else "no_mask"))
-    return plan
+def _release_all(records: list[_Record], _handle: Any = None) -> None:
+    for record in records:
+        record.release()
 
 
-def _make_kernel(cls: Callable[..., torch.nn.Module], params: AttnParams) -> torch.nn.Module:
+def _check_selects(config: Any, _live: Any) -> None:
+    """Contract of the config field: writing it selects the backend the modeling code reads (on a copy)."""
+    selecting_config(config, te_backend.TE_ATTN_IMPLEMENTATION)
+
+
+def _raise(error: RuntimeError, _live: Any) -> None:
+    raise error
+
+
+def _require_module(value: Any, name: str) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {value!r}")
+    return value
+
+
+def _kernel_factory(cls: Any) -> Callable[..., Any]:
+    if cls is None:
+        return default_dot_product_attention_cls()
+    if not callable(cls):
+        raise TypeError(f"dot_product_attention_cls must be a class or callable, got {cls!r}")
+    return cls
+
+
+def _make_kernel(cls: Callable[..., Any], params: AttnParams) -> Any:
     # Built without dropout: a call that asks for dropout falls back to SDPA (counted), which keeps
     # the kernel's numerics independent of its own train/eval flag (it is not a registered submodule).
-    return cls(
+    kernel = cls(
         num_attention_heads=params.num_heads,
         kv_channels=params.head_dim,
         num_gqa_groups=params.num_kv_heads,
@@ -143,6 +139,64 @@ def _make_kernel(cls: Callable[..., torch.nn.Module], params: AttnParams) -> tor
         window_size=params.window_size,
         softmax_scale=params.softmax_scale,
     )
+    if not callable(kernel):
+        raise TypeError(f"dot_product_attention_cls {cls!r} returned {kernel!r}, not a callable kernel")
+    return kernel
+
+
+def _config_copy(config: Any, field_patches: list[Patch]) -> Any:
+    """A shallow copy of `config` that will select "te" (its field set by a patch, checked in phase 1)."""
+    te_config = copy.copy(config)
+    field_patches.append(
+        Patch(
+            te_config,
+            CONFIG_ATTR,
+            te_backend.TE_ATTN_IMPLEMENTATION,
+            contract=functools.partial(_check_selects, config),
+        )
+    )
+    return te_config
+
+
+def _configs_for(
+    model: torch.nn.Module, selected: Iterable[Any], field_patches: list[Patch]
+) -> dict[int, Any]:
+    """id(original config) -> the model's own copy: those of taken modules select "te"; a config holding one
+    of them as a sub-config (a VLM's `text_config`) is copied too, pointing at the copy."""
+    copies: dict[int, Any] = {}
+    for config in selected:
+        if id(config) not in copies:
+            copies[id(config)] = _config_copy(config, field_patches)
+    for module in model.modules():
+        config = vars(module).get("config")
+        if config is None or id(config) in copies:
+            continue
+        subs = {k: copies[id(v)] for k, v in vars(config).items() if id(v) in copies and v is not None}
+        if subs:
+            parent = copy.copy(config)
+            vars(parent).update(subs)
+            copies[id(config)] = parent
+    return copies
+
+
+def _apply(handle: PatchSet, records: list[_Record]) -> None:
+    """Phase 1 (every contract, the registry's too), phase 2 (every set), then the leases; all or nothing."""
+    if any(record.uses_backend for record in records):
+        te_backend.check_registration()
+    handle.apply()
+    try:
+        for record in records:
+            record.hold()
+    except BaseException:
+        _release_all(records)
+        handle.revert()
+        raise
+
+
+def _record(module: torch.nn.Module, patches: list[Patch], uses_backend: bool) -> _Record:
+    record = _Record(patches, uses_backend)
+    patches.append(_InstanceDictPatch(module, STATE_ATTR, record))
+    return record
 
 
 def inject_te_attention_into_module(
@@ -150,179 +204,151 @@ def inject_te_attention_into_module(
     *,
     dot_product_attention_cls: Callable[..., torch.nn.Module] | None = None,
 ) -> bool:
-    """Give one HF attention module its kernel; True on success, False when it cannot take it.
+    """Give one HF attention module its kernel; True when it now runs it, False when it cannot take it.
 
     False silently when its layout does not fit, with a warning when its forward does not dispatch
     through the attention interface (probed); raises before any change when the forward dispatches
-    but drops what the kernel path needs (see `te_probe.check_dispatch`).
-
-    The module runs the kernel once its config selects `attn_implementation="te"`, which
-    `inject_te_attention(model)` does; undone by `remove_te_attention` on any model containing it.
+    but drops what the kernel path needs (see `te_probe.check_dispatch`). The module gets its own copy of
+    its config, selecting "te"; the rest of its model is unchanged. Undone by `remove_te_attention` on
+    the module or on any model containing it.
     """
-    if module in _MODULE_HANDLES and _MODULE_HANDLES[module].applied:
+    _require_module(module, "module")
+    cls = _kernel_factory(dot_product_attention_cls)
+    if is_injected(module):
         return True
-    if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
+    if has_foreign_kernel(module) or getattr(module, "config", None) is None:
         return False
-    params, _ = check_attention_module(module)
-    if params is None:
+    decision = decide(module)
+    if decision.params is None:
         return False
-    skip = _dispatch_verdict(module, params)
-    if skip:
-        warnings.warn(f"TE attention skips {type(module).__name__}: {skip}", UserWarning, stacklevel=2)
+    if decision.reason:
+        warnings.warn(
+            f"TE attention skips {type(module).__name__}: {decision.reason}", UserWarning, stacklevel=2
+        )
         return False
-    cls = dot_product_attention_cls or default_dot_product_attention_cls()
-    kernel = _make_kernel(cls, params)
-    patches = PatchSet(
-        [_InstanceDictPatch(module, KERNEL_ATTR, kernel), _InstanceDictPatch(module, PARAMS_ATTR, params)],
-        name=f"te_attention[{type(module).__name__}]",
-    )
-    patches.apply()
-    _MODULE_HANDLES[module] = patches
+    field_patches: list[Patch] = []
+    te_config = _config_copy(module.config, field_patches)
+    patches = _module_patches(module, cls, decision, te_config)
+    record = _record(module, patches, uses_backend=True)
+    handle = PatchSet([*field_patches, *patches], name=f"te_attention[{type(module).__name__}]")
+    handle.on_revert.append(functools.partial(_release_all, [record]))
+    _apply(handle, [record])
     return True
 
 
-def _config_contract(config: Any) -> Callable[[Any], None]:
-    def check(_live: Any) -> None:
-        # Writing the stored field must select the backend the modeling code reads; checked on a copy.
-        selecting_config(config, TE_ATTN_IMPLEMENTATION)
-
-    return check
-
-
-# Verdicts of `check_dispatch` + the repeat_kv contract that did not raise ("" = takes the kernel, else why
-# not), per (class, its forward, its modeling module's repeat_kv, window, config class): one probe per class.
-_VERDICTS: dict[tuple[Any, ...], str] = {}
+def _module_patches(module, cls, decision, te_config) -> list[Patch]:
+    contract = None if decision.error is None else functools.partial(_raise, decision.error)
+    return [
+        _InstanceDictPatch(module, KERNEL_ATTR, _make_kernel(cls, decision.params), contract=contract),
+        _InstanceDictPatch(module, PARAMS_ATTR, decision.params),
+        _InstanceDictPatch(module, "config", te_config),
+    ]
 
 
-def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
-    """te_attention_forward undoes an expanded K/V with ``key[:, ::n_rep]``: kv head i repeated contiguously."""
-    sig = require_parameters(repeat_kv, (), what)
-    params = list(sig.parameters.values())
-    if [p.name for p in params[:2]] != ["hidden_states", "n_rep"] or any(
-        p.default is inspect.Parameter.empty for p in params[2:]
-    ):
-        raise contract_error(what, f"expected the signature (hidden_states, n_rep), found {sig}")
-    kv = torch.arange(2.0).view(1, 2, 1, 1)
-    out = repeat_kv(kv, 3)
-    # flattened so the error reads as one line
-    heads = out.flatten().tolist() if isinstance(out, torch.Tensor) else out
-    require_result(
-        what,
-        heads,
-        lambda h: (
-            isinstance(out, torch.Tensor)
-            and tuple(out.shape) == (1, 6, 1, 1)
-            and h == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-            and torch.equal(out[:, ::3], kv)
-        ),
-        "kv heads repeated contiguously: [0, 0, 0, 1, 1, 1] of shape (1, 6, 1, 1) for heads [0, 1], n_rep=3",
-    )
-
-
-def _dispatch_verdict(module: torch.nn.Module, params: AttnParams) -> str:
-    """Empty when the module can take the kernel, else why it keeps SDPA; raises when a contract it relies on broke.
-
-    Its forward must pass ``**kwargs`` (position_ids, cu_seq_lens_*) and, on windowed layers,
-    ``sliding_window`` to the attention interface (a behaviour probe, see `te_probe`); its modeling
-    module's ``repeat_kv`` must keep the layout the kernel path undoes.
-    """
-    cls = type(module)
-    source = sys.modules.get(cls.__module__)
-    repeat_kv = vars(source).get("repeat_kv") if source is not None else None
-    key = (
-        cls,
-        getattr(cls, "forward", None),
-        repeat_kv,
-        params.window_size,
-        type(getattr(module, "config", None)),
-    )
-    verdict = _VERDICTS.get(key)
-    if verdict is None:
-        verdict = check_dispatch(module, params)
-        if not verdict and repeat_kv is not None:
-            _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
-        _VERDICTS[key] = verdict
-    return verdict
-
-
-def _preflight(model: torch.nn.Module) -> None:
-    """Every module and config contract of an injection, run before its first setattr."""
-    configs: dict[int, Any] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if not _is_candidate(module) or config is None:
-            continue
-        if KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules:
-            continue  # injected already, or not ours to inject
-        params, _ = check_attention_module(module)
-        if params is None or _dispatch_verdict(module, params):
-            continue  # keeps SDPA
-        configs.setdefault(id(config), config)
-    for config in configs.values():
-        _config_contract(config)(None)
+def _model_record(model: torch.nn.Module) -> _Record | None:
+    record = vars(model).get(STATE_ATTR)
+    return record if isinstance(record, _Record) else None
 
 
 def inject_te_attention(
     model: torch.nn.Module,
     *,
     dot_product_attention_cls: Callable[..., torch.nn.Module] | None = None,
-) -> TEAttentionHandle:
+) -> PatchSet:
     """Inject the kernel into all compatible attention modules; a second call returns the first handle.
 
-    Call after weights are loaded and before FSDP wrapping. Modules that cannot take the kernel keep
-    transformers' SDPA; `plan_te_attention(model)` says which and why.
+    Returns the injection's handle (a `PatchSet`: `.revert()`, context manager, `.taken` = the names of
+    the modules that run the kernel). Call after weights are loaded and before FSDP wrapping. Modules that
+    cannot take the kernel keep transformers' SDPA; `plan_te_attention(model)` says which and why.
     """
-    existing = _MODEL_HANDLES.get(model)
-    if existing is not None and existing.applied:
-        return existing
-    if vars(model).get(MODEL_FLAG):
+    _require_module(model, "model")
+    cls = _kernel_factory(dot_product_attention_cls)
+    existing = _model_record(model)
+    if existing is not None and existing.handle is not None and existing.handle.applied:
+        return existing.handle
+    if existing is not None and existing.handle is None:
+        return _adopt(model)  # a copied part of an injected model (a pipeline stage): its own handle
+    if existing is not None:
         raise RuntimeError(
-            f"{type(model).__name__} is flagged {MODEL_FLAG} but this process holds no handle for it"
+            f"{type(model).__name__} carries a TE injection that was partly removed; "
+            "call remove_te_attention(model) first"
         )
-    cls = dot_product_attention_cls or default_dot_product_attention_cls()
-    _preflight(model)
-    if not te_backend.is_te_attention_backend_registered():
-        te_backend.register_te_attention_backend()
-        _registered_by_injection[0] = True
+    if vars(model).get(MODEL_FLAG):
+        raise RuntimeError(f"{type(model).__name__} is flagged {MODEL_FLAG} but carries no injection record")
     taken: list[str] = []
-    configs: dict[int, Any] = {}
-    try:
-        for name, module in model.named_modules():
-            if not _is_candidate(module) or getattr(module, "config", None) is None:
-                continue
-            if inject_te_attention_into_module(module, dot_product_attention_cls=cls):
-                taken.append(name)
-                configs.setdefault(id(module.config), module.config)
-        patches: list[Patch] = [
-            Patch(config, CONFIG_ATTR, TE_ATTN_IMPLEMENTATION, contract=_config_contract(config))
-            for config in configs.values()
-            if vars(config).get(CONFIG_ATTR) != TE_ATTN_IMPLEMENTATION
-        ]
-        if taken:
-            patches.append(Patch(model, MODEL_FLAG, True))
-        handle = TEAttentionHandle(model, patches, taken)
-        handle.apply()
-    except BaseException:
-        for module in model.modules():
-            module_handle = _MODULE_HANDLES.pop(module, None)
-            if module_handle is not None:
-                module_handle.revert()
-        raise
-    _MODEL_HANDLES[model] = handle
-    logger.info("TE attention injected into %d modules of %s", len(taken), type(model).__name__)
+    chosen: list[tuple[torch.nn.Module, Any]] = []
+    for name, module in model.named_modules():
+        if not is_candidate(module) or getattr(module, "config", None) is None:
+            continue
+        if is_injected(module):
+            taken.append(name)  # injected before (inject_te_attention_into_module, or a copied module)
+            continue
+        if has_foreign_kernel(module):
+            continue
+        decision = decide(module)
+        if decision.params is None:
+            continue
+        if decision.reason:
+            warnings.warn(f"TE attention skips {name}: {decision.reason}", UserWarning, stacklevel=2)
+            continue
+        taken.append(name)
+        chosen.append((module, decision))
+    earlier = _records(model)  # injected before: the handle covers them too, as remove_te_attention does
+    field_patches: list[Patch] = []
+    copies = _configs_for(model, (m.config for m, _ in chosen), field_patches)
+    records: list[_Record] = []
+    patches: list[Patch] = list(field_patches)
+    kernels = {id(m): d for m, d in chosen}
+    for module in model.modules():
+        config = vars(module).get("config")
+        own: list[Patch] = []
+        if id(module) in kernels:
+            own = _module_patches(module, cls, kernels[id(module)], copies[id(config)])
+        elif config is not None and id(config) in copies and not is_injected(module):
+            own = [_InstanceDictPatch(module, "config", copies[id(config)])]
+        if module is model and chosen:
+            own.append(Patch(model, MODEL_FLAG, True))
+        if own or module is model:
+            records.append(_record(module, own, uses_backend=id(module) in kernels))
+            patches.extend(own)
+    handle = PatchSet(patches, name="te_attention")
+    handle.taken = taken  # type: ignore[attr-defined]
+    records[0].handle = handle  # model.modules() yields the model first
+    _apply(handle, records)
+    handle.patches.extend(p for r in earlier for p in r.patches)
+    handle.on_revert.append(functools.partial(_release_all, records + earlier))
+    logger.info("TE attention injected into %d modules of %s", len(chosen), type(model).__name__)
+    return handle
+
+
+def _records(model: torch.nn.Module) -> list[_Record]:
+    return [r for r in (vars(m).get(STATE_ATTR) for m in model.modules()) if isinstance(r, _Record)]
+
+
+def _adopt(model: torch.nn.Module) -> PatchSet:
+    """A handle for the records a copied part of an injected model carries; kept on its root's record."""
+    records = _records(model)
+    handle = PatchSet([p for r in records for p in r.patches], name="te_attention")
+    handle.taken = [n for n, m in model.named_modules() if is_injected(m)]  # type: ignore[attr-defined]
+    handle.on_revert.append(functools.partial(_release_all, records))
+    records[0].handle = handle
     return handle
 
 
 def remove_te_attention(model: torch.nn.Module) -> bool:
-    """Undo `inject_te_attention` (and module-level injections inside `model`); False when nothing was injected."""
-    handle = _MODEL_HANDLES.get(model)
-    if handle is not None:
-        handle.revert()
-        return True
-    found = False
-    for module in model.modules():
-        module_handle = _MODULE_HANDLES.pop(module, None)
-        if module_handle is not None:
-            module_handle.revert()
-            found = True
-    return found
+    """Undo every injection recorded on `model` or its modules (also on copies); False when there was none.
+
+    Every patch is checked before any is reverted, so a foreign patch stacked on ours leaves all in place.
+    """
+    _require_module(model, "model")
+    records = _records(model)
+    if not records:
+        return False
+    patches: dict[int, Patch] = {}
+    for record in records:
+        if record.handle is not None:
+            patches.update((id(p), p) for p in record.handle.patches)
+        patches.update((id(p), p) for p in record.patches)
+    PatchSet(list(patches.values()), name="remove_te_attention").revert()
+    _release_all(records)
+    return True

@@ -10,6 +10,9 @@ causal band (optionally a sliding window) AND key padding AND same-document bloc
 diagonal, the first super-diagonal, each row's left band edge and the entry just outside it,
 and the whole first and last rows and first column. A mask that differs from the canonical one
 only at other entries (not something transformers produces) is not caught.
+
+`document_segments` / `document_mask` build, with static shapes and no synchronisation, the exact mask of
+the kernel's THD semantics, for a fallback to SDPA on a packed batch.
 """
 
 from __future__ import annotations
@@ -20,13 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "PackedInfo",
-    "classify_mask_cached",
-    "cu_seqlens_from_indexed_mask",
-    "cu_seqlens_from_position_ids",
-    "detect_causal_mask",
-]
+__all__ = ["detect_causal_mask"]
 
 
 def _visible(values: torch.Tensor) -> torch.Tensor:
@@ -96,13 +93,27 @@ def detect_causal_mask(
     """
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-    left = int(window_size[0])
+    window_size = _check_window(window_size)
+    left = window_size[0]
     if attn_mask.ndim == 4 and attn_mask.shape[-1] and left >= attn_mask.shape[-1] - 1:
         left = -1  # the window covers every key: the mask is plain causal
     ok = _sample_checks(attn_mask, left, None)
     if ok is None or not bool(ok):
         return None
-    return "causal", (int(window_size[0]), int(window_size[1]))
+    return "causal", window_size
+
+
+def _check_window(window_size: object) -> tuple[int, int]:
+    """TE's `(left, right)` window: two ints >= -1."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(
+            f"window_size must be a pair of ints >= -1 (TE's (left, right)), got {window_size!r}"
+        )
+    return int(window_size[0]), int(window_size[1])
 
 
 class PackedInfo:
@@ -141,10 +152,12 @@ def cu_seqlens_from_indexed_mask(mask: torch.Tensor) -> PackedInfo:
     """Documents of an indexed [B, S] mask (1-based document ids, 0 = padding); padding tokens are dropped."""
     if mask.ndim != 2 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
         raise ValueError(
-            f"indexed mask must be an integer [B, S] tensor, got {mask.dtype} {tuple(mask.shape)}"
+            f"indexed attention_mask must be an integer [B, S] tensor, got {mask.dtype} {tuple(mask.shape)}"
         )
     b, s = mask.shape
     flat = mask.reshape(-1).to(torch.long)
+    if flat.numel() and int(flat.min()) < 0:
+        raise ValueError("indexed attention_mask holds negative document ids (1-based ids, 0 = padding)")
     keep = flat > 0
     indices = keep.nonzero().reshape(-1)
     row = torch.arange(b, device=mask.device).repeat_interleave(s)
@@ -200,19 +213,84 @@ def packed_info_cached(source: torch.Tensor, kind: str, batch: int) -> PackedInf
     return _PACKED_MEMO.get_or_compute(source, (kind, batch), lambda: cu_seqlens_from_indexed_mask(source))
 
 
-def packed_mask_matches(attn_mask: torch.Tensor, position_ids: torch.Tensor, left: int) -> bool:
-    """Whether a 4D mask is the block-causal mask of the documents in `position_ids` (sampled, memoised)."""
+def packed_mask_matches(attn_mask: torch.Tensor, kind: str, source: torch.Tensor, left: int) -> bool:
+    """Whether a 4D mask is the block-causal mask of the documents of `source` (see `document_segments`;
+    sampled, memoised)."""
 
     def compute() -> bool:
-        b, s = position_ids.shape
-        i = torch.arange(s, device=position_ids.device)
-        new_doc = torch.ones(b, s, dtype=torch.bool, device=position_ids.device)
-        new_doc[:, 1:] = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+        b, s = attn_mask.shape[0], attn_mask.shape[-1]
+        if kind != "cu" and source.shape[-1] != s:
+            return False
+        seg, _ = document_segments(kind, source, b, s)
+        i = torch.arange(s, device=seg.device)
+        new_doc = torch.ones_like(seg, dtype=torch.bool)
+        new_doc[:, 1:] = seg[:, 1:] != seg[:, :-1]
         start = torch.where(new_doc, i, torch.zeros_like(i)).cummax(dim=1).values
         eff_left = -1 if left >= s - 1 else left
         ok = _sample_checks(attn_mask, eff_left, start)
         return ok is not None and bool(ok)
 
-    return _MASK_MEMO.get_or_compute(
-        attn_mask, ("packed", id(position_ids), position_ids._version, left), compute
+    return _MASK_MEMO.get_or_compute(attn_mask, ("packed", kind, id(source), source._version, left), compute)
+
+
+def cu_seqlens_from_kwargs(cu_seqlens: torch.Tensor, total: int, max_length: Any) -> PackedInfo:
+    """Boundaries passed as `cu_seq_lens_q/k` (transformers' flattened-batch kwargs), validated against `total` tokens."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seq_lens_q must be a 1D integer tensor, got {cu_seqlens!r}")
+    cu = cu_seqlens.to(torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    first, last, shortest = (
+        torch.stack([cu[0], cu[-1], lengths.min()]).tolist() if cu.numel() > 1 else (0, 0, 0)
     )
+    if cu.numel() < 2 or first != 0 or shortest < 0 or last != total:
+        raise ValueError(
+            f"cu_seq_lens_q must rise from 0 to the {total} tokens of the batch, got {cu_seqlens.tolist()}"
+        )
+    max_seqlen = int(max_length) if max_length is not None else int(lengths.max())
+    return PackedInfo(cu, None, max_seqlen, total)
+
+
+def cu_info_cached(cu_seqlens: torch.Tensor, total: int, max_length: Any) -> PackedInfo:
+    """`cu_seqlens_from_kwargs`, memoised per tensor (one host synchronisation per forward)."""
+    key = ("cu", total, max_length if isinstance(max_length, int) else None)
+    return _PACKED_MEMO.get_or_compute(
+        cu_seqlens, key, lambda: cu_seqlens_from_kwargs(cu_seqlens, total, max_length)
+    )
+
+
+def document_segments(
+    kind: str, source: torch.Tensor, batch: int, seq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token document index and 'is a real token' flag, both [B, S], from one of the packed-batch sources.
+
+    kind "position_ids": a new document wherever the position does not grow by 1; "indexed": runs of equal
+    1-based ids (0 = padding); "cu": `cu_seqlens` over the flattened batch (tokens past the last boundary are
+    padding). Static shapes and no host synchronisation.
+    """
+    device = source.device
+    if kind == "cu":
+        pos = torch.arange(batch * seq, device=device)
+        bounds = source.to(device=device, dtype=torch.long)
+        seg = torch.searchsorted(bounds[1:], pos, right=True).view(batch, seq)
+        return seg, (pos < bounds[-1]).view(batch, seq)
+    values = source.to(torch.long).expand(batch, seq)
+    step = values[:, 1:] - values[:, :-1]
+    change = (step != 1) if kind == "position_ids" else (step != 0)
+    seg = torch.cat([torch.zeros_like(values[:, :1]), change.to(torch.long)], dim=1).cumsum(1)
+    valid = torch.ones_like(values, dtype=torch.bool) if kind == "position_ids" else values > 0
+    return seg, valid
+
+
+def document_mask(seg: torch.Tensor, valid: torch.Tensor, causal: bool, left: int) -> torch.Tensor:
+    """Bool [B, 1, S, S] mask (True = attend) of the kernel's THD semantics: same document, real keys, causal and
+    `left`-token window when asked. Padding queries attend only to themselves (their output is zeroed after)."""
+    s = seg.shape[1]
+    i = torch.arange(s, device=seg.device)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & valid[:, None, :]
+    if causal:
+        allowed &= i[None, None, :] <= i[None, :, None]
+    if left >= 0:
+        allowed &= i[None, None, :] >= i[None, :, None] - left
+    own = torch.eye(s, dtype=torch.bool, device=seg.device)[None]
+    allowed = torch.where(valid[:, :, None], allowed, own)
+    return allowed[:, None]

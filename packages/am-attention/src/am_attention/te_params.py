@@ -10,13 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "AttnParams",
-    "check_attention_module",
-    "infer_attn_params",
-    "proj_in_features",
-    "proj_out_features",
-]
+__all__ = ["AttnParams", "infer_attn_params", "proj_out_features"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +40,15 @@ def _proj_features(proj: torch.nn.Module | None, attr: str, dim: int) -> int | N
     return None
 
 
+def _require_module(value: object, name: str, *, optional: bool = False) -> None:
+    if (value is None and optional) or isinstance(value, torch.nn.Module):
+        return
+    raise TypeError(f"{name} must be a torch.nn.Module{' or None' if optional else ''}, got {value!r}")
+
+
 def proj_out_features(proj: torch.nn.Module | None) -> int | None:
     """Output features of a projection: `out_features`, else `weight.shape[0]` (meta-safe), else a `.linear` child."""
+    _require_module(proj, "proj", optional=True)
     return _proj_features(proj, "out_features", 0)
 
 
@@ -64,7 +65,7 @@ def _int_attr(obj: object, *names: str) -> int | None:
     return None
 
 
-def _window(module: torch.nn.Module) -> tuple[int, int] | None:
+def window_of(module: torch.nn.Module) -> tuple[int, int] | None:
     """TE window for the module's sliding window W: (W-1, 0); (-1, 0) when the layer attends to all keys.
 
     The module's own `sliding_window` attribute wins (Qwen2/Gemma3 set it per layer, None on full
@@ -110,7 +111,7 @@ def check_attention_module(module: torch.nn.Module) -> tuple[AttnParams | None, 
         return None, f"heads: {num_heads} query heads not divisible by {num_kv_heads} kv heads"
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return None, "softcapping: attention logit soft-capping is not supported by TE"
-    window = _window(module)
+    window = window_of(module)
     if window is None:
         return None, f"window: unsupported sliding_window {getattr(module, 'sliding_window', None)!r}"
     scale = getattr(module, "scaling", None)
@@ -122,5 +123,9 @@ def check_attention_module(module: torch.nn.Module) -> tuple[AttnParams | None, 
 
 
 def infer_attn_params(module: torch.nn.Module) -> AttnParams | None:
-    """Heads, head_dim, TE window and softmax scale of a HF attention module; None when the layout does not fit."""
+    """Heads, head_dim, TE window and softmax scale of a HF attention module; None when the layout does not fit.
+
+    Reads the module only: whether its forward can hand the kernel what it needs is `plan_te_attention`'s question.
+    """
+    _require_module(module, "module")
     return check_attention_module(module)[0]

@@ -23,17 +23,19 @@ def _documents(n_tokens: int, seed: int = 0) -> list[int]:
 
 
 def _config():
-    from transformers import LlamaConfig
+    """An 8-layer, 1024-hidden Llama: the built-in tiny Llama's layout at benchmark size."""
+    from .tiny_models import build_config
 
-    return LlamaConfig(
+    return build_config(
+        "llama",
         vocab_size=32000,
         hidden_size=1024,
         intermediate_size=2816,
         num_hidden_layers=8,
         num_attention_heads=16,
         num_key_value_heads=8,
+        head_dim=64,
         max_position_embeddings=8192,
-        tie_word_embeddings=False,
     )
 
 

@@ -10,20 +10,22 @@ from typing import Any
 
 from rich.console import Console
 
+from .main import EXIT_CHECK_FAILED, EXIT_OK
 from .render import render_json, render_text
 from .report import Report, Section
 from .tiny_models import TINY_ARCHS, build_config, load_local_config
 
-EXIT_OK = 0
-EXIT_CHECK_FAILED = 1
-
 
 class DoctorInputError(ValueError):
-    """A --model that names no built-in architecture and no readable model directory."""
+    """Bad input: a --model that names no built-in architecture and no readable, buildable config."""
 
 
 def resolve_model(spec: str) -> tuple[str, Any]:
-    """(label, config) for a built-in tiny architecture name or a local model directory."""
+    """(label, config) for a built-in tiny architecture name, a local model directory or a config file.
+
+    A local config must build (on the meta device, at full size and shrunk for the numeric checks);
+    anything transformers rejects in it is a DoctorInputError naming the file, before any check runs.
+    """
     if spec in TINY_ARCHS:
         try:
             return f"built-in tiny {spec}", build_config(spec)
@@ -31,12 +33,29 @@ def resolve_model(spec: str) -> tuple[str, Any]:
             raise DoctorInputError(str(exc)) from exc
     if not (("/" in spec) or spec.startswith(".") or Path(spec).exists()):
         raise DoctorInputError(
-            f"--model {spec!r} is neither a built-in model ({', '.join(TINY_ARCHS)}) nor an existing directory"
+            f"--model {spec!r} is neither a built-in model ({', '.join(TINY_ARCHS)}) nor an existing "
+            "directory or config file"
         )
     try:
-        return f"local config {spec}", load_local_config(spec)
+        config = load_local_config(spec)
     except ValueError as exc:
         raise DoctorInputError(str(exc)) from exc
+    _check_buildable(spec, config)
+    return f"local config {spec}", config
+
+
+def _check_buildable(spec: str, config: Any) -> None:
+    from .checks._models import meta_model
+
+    for label, candidate in (("", config), (" (shrunk for the numeric checks)", shrink_config(config))):
+        try:
+            meta_model(candidate)
+        except Exception as exc:  # transformers' reason for refusing the user's config, in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DoctorInputError(
+                f"transformers cannot build {type(config).__name__} from {spec}{label}: "
+                f"{type(exc).__name__}: {first}"
+            ) from exc
 
 
 def _text_config(config: Any) -> Any:
@@ -102,6 +121,7 @@ def build_report(spec: str, *, stages: int = 2, console: Console | None = None) 
 
 
 def run_doctor(*, model: str, as_json: bool, stages: int = 2, bench: bool = False) -> int:
+    """Print the report; EXIT_OK when no check failed (refusals with a reason are not failures)."""
     if stages < 1:
         raise DoctorInputError(f"--stages must be at least 1, got {stages}")
     out = Console(width=None if sys.stdout.isatty() else 130)

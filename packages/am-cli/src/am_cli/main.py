@@ -1,8 +1,12 @@
-"""The `am` command: argument parsing and exit codes (0 all checks pass, 1 a check failed, 2 bad input)."""
+"""The `am` command: argument parsing and exit codes (0 all checks pass, 1 a check failed, 2 bad input).
+
+The exit codes are defined here only; `am_cli.doctor` imports them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -27,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--model",
         default="llama",
-        help=f"a built-in tiny architecture ({', '.join(TINY_ARCHS)}) or a local model directory "
-        "(its config.json is used; weights are optional and never loaded)",
+        help=f"a built-in tiny architecture ({', '.join(TINY_ARCHS)}), a local model directory (its "
+        "config.json is used) or a config JSON file; weights are optional and never loaded",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--stages", type=int, default=2, help="pipeline stages to plan (default 2)")
@@ -46,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_doctor(model=args.model, as_json=args.json, stages=args.stages, bench=args.bench)
         except DoctorInputError as exc:
-            print(f"am doctor: error: {exc}", file=sys.stderr)
+            message = " ".join(str(exc).split())  # one line, whatever the cause said
+            print(f"am doctor: error: {message}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"ok": False, "error": message, "exit_code": EXIT_USAGE}))
             return EXIT_USAGE
     return EXIT_USAGE  # argparse requires a command; kept for type checkers
 

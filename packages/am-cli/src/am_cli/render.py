@@ -8,9 +8,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .report import FAIL, PASS, SKIP, Report
+from .report import FAIL, PASS, REFUSED, SKIP, Report
 
-_STYLE = {PASS: "[green]pass[/green]", FAIL: "[bold red]FAIL[/bold red]", SKIP: "[yellow]skip[/yellow]"}
+_STYLE = {
+    PASS: "[green]pass[/green]",
+    FAIL: "[bold red]FAIL[/bold red]",
+    SKIP: "[yellow]skip[/yellow]",
+    REFUSED: "[yellow]refused[/yellow]",
+}
 
 
 def _cell(value: Any) -> str:
@@ -35,6 +40,11 @@ def render_text(report: Report, console: Console) -> None:
         console.print(table)
         for note in section.notes:
             console.print(f"  [dim]{note}[/dim]")
+    refusals = report.refusals()
+    if refusals:
+        console.print("[bold yellow]Refused, with the reason (not a failure):[/bold yellow]")
+        for refusal in refusals:
+            console.print(f"  - {refusal}")
     if report.ok:
         console.print("[bold green]All checks passed.[/bold green]")
     else:

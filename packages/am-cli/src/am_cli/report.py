@@ -1,4 +1,8 @@
-"""The doctor's report model: sections of rows, each check passing, failing or informational."""
+"""The doctor's report model: sections of rows, each check passing, failing, refused or informational.
+
+A refusal is a package declining a model with a reason (the "exact or refused" rule): the right answer,
+not a failure, so it does not fail the report; a failure is a wrong result or a broken check.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ PASS = "pass"
 FAIL = "fail"
 INFO = "info"
 SKIP = "skip"
+REFUSED = "refused"
+STATUSES = (PASS, FAIL, INFO, SKIP, REFUSED)
 
 
 @dataclass
@@ -22,16 +28,17 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
     def add(self, status: str = INFO, **values: Any) -> None:
-        if status not in (PASS, FAIL, INFO, SKIP):
-            raise ValueError(f"row status {status!r} is not one of pass/fail/info/skip")
+        if status not in STATUSES:
+            raise ValueError(f"row status {status!r} is not one of {'/'.join(STATUSES)}")
         self.rows.append({**values, "status": status})
 
     @property
     def status(self) -> str:
         statuses = {r["status"] for r in self.rows}
-        if FAIL in statuses:
-            return FAIL
-        return PASS if PASS in statuses else INFO
+        for status in (FAIL, PASS, REFUSED):
+            if status in statuses:
+                return status
+        return INFO
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "status": self.status, "rows": self.rows, "notes": self.notes}
@@ -47,13 +54,19 @@ class Report:
     def ok(self) -> bool:
         return all(s.status != FAIL for s in self.sections)
 
-    def failures(self) -> list[str]:
+    def _rows(self, status: str) -> list[str]:
         return [
             f"{s.title}: {', '.join(str(v) for k, v in r.items() if k != 'status')}"
             for s in self.sections
             for r in s.rows
-            if r["status"] == FAIL
+            if r["status"] == status
         ]
+
+    def failures(self) -> list[str]:
+        return self._rows(FAIL)
+
+    def refusals(self) -> list[str]:
+        return self._rows(REFUSED)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,8 +1,9 @@
 """One packed-attention path per backend.
 
-- sdpa / eager / flex_attention: the indexed mask becomes an ``and_mask_function`` (same document) that
-  transformers' own mask builders intersect with causal (and sliding-window) masking, so the result is a
-  block-diagonal causal (sliding) mask in the backend's own format (4D bool, 4D float, BlockMask).
+- sdpa / eager / flex_attention: the indexed mask becomes transformers' own
+  ``packed_sequence_mask_function`` (same document), intersected by its mask builders with causal (and
+  sliding-window) masking: a block-diagonal causal (sliding) mask in the backend's own format (4D bool,
+  4D float, BlockMask). That part lives with the builders' pass-throughs (`patches`) and `scoped`.
 - flash_attention_2/3: transformers unpads with ``_get_unpad_data``; our replacement returns one
   sequence per document (`flash_unpad_data`).
 - torch_varlen: torch's own ``torch.nn.attention.varlen.varlen_attn`` registered as a transformers
@@ -17,7 +18,6 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from ._contract import contract_error, import_module_checked, require_parameters
-from ._patch import ItemPatch, PatchSet, mark
-from ._probes import builder_what, call_builder
+from ._originals import MASK_BUILDERS, unpatched_builder
+from ._patch import GlobalPatch, ItemPatch, PatchSet, mark
+from ._probes import probe_mask_interface_call
 from .mask import UnpadData, document_ids_from_position_ids, get_unpad_data
 
 __all__ = [
     "VARLEN_ATTN_IMPLEMENTATION",
-    "document_mask_function",
     "flash_unpad_data",
     "register_varlen_attention",
     "unregister_varlen_attention",
@@ -40,19 +40,6 @@ __all__ = [
 ]
 
 VARLEN_ATTN_IMPLEMENTATION = "torch_varlen"
-
-
-def document_mask_function(document_ids: torch.Tensor) -> Callable[..., Any]:
-    """Mask function (transformers' index-based signature) allowing attention only within one document.
-
-    Padding (id 0) forms its own trailing pseudo-document, so padded queries attend to padding only,
-    never produce an all-masked row, and real tokens never see padding.
-    """
-
-    def same_document(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return document_ids[batch_idx, q_idx] == document_ids[batch_idx, kv_idx]
-
-    return same_document
 
 
 # --------------------------------------------------------------------------- unpad cache
@@ -146,7 +133,7 @@ def _varlen_layout(
 ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
     """(gather indices or None, cu_seqlens, max_seqlen) for this batch; never syncs on the cached paths."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:  # precomputed by the caller (e.g. PackingCollator(emit_cu_seqlens=True)): zero syncs
+    if cu is not None:  # precomputed by the caller (PackingCollator(return_cu_seqlens=True)): zero syncs
         max_q = kwargs.get("max_length_q")
         if max_q is None:
             raise ValueError("cu_seq_lens_q was passed without max_length_q; pass both")
@@ -251,15 +238,7 @@ mark(varlen_mask, "am_packing.varlen_mask")
 
 
 # --------------------------------------------------------------------------- registration
-class _VarlenPatchSet(PatchSet):
-    def revert(self) -> None:
-        global _VARLEN_SET
-        super().revert()
-        if _VARLEN_SET is self:
-            _VARLEN_SET = None
-
-
-_VARLEN_SET: PatchSet | None = None
+_MASK_KEYWORDS = ("attention_mask", "kv_length")
 
 
 def _check_registries(value: Any) -> None:
@@ -277,12 +256,8 @@ def _check_registries(value: Any) -> None:
     # signature of the mask interface, and the builders must call it that way (a behaviour probe).
     sdpa_mask = masking.AttentionMaskInterface._global_mapping.get("sdpa")
     _require_keywords(sdpa_mask, _MASK_KEYWORDS, "transformers.masking_utils.AttentionMaskInterface['sdpa']")
-    for builder in ("create_causal_mask", "create_sliding_window_causal_mask"):
-        _probe_mask_interface_call(masking, builder, _unpatched_builder(masking, builder))
-
-
-_MASK_KEYWORDS = ("attention_mask", "kv_length")
-_PROBE_LENGTH = 4
+    for builder in MASK_BUILDERS:
+        probe_mask_interface_call(masking, builder, unpatched_builder(masking, builder), _MASK_KEYWORDS)
 
 
 def _require_keywords(func: Any, names: tuple[str, ...], what: str) -> None:
@@ -297,100 +272,75 @@ def _require_keywords(func: Any, names: tuple[str, ...], what: str) -> None:
         raise contract_error(what, f"parameters {positional_only} became positional-only in {sig}")
 
 
-def _unpatched_builder(masking: Any, builder: str) -> Any:
-    live = getattr(masking, builder, None)
-    if getattr(live, "__am_patch__", None) == f"am_packing.{builder}":  # configure_packing is active
-        from . import patches  # runtime import: patches imports this module
+def check_backend_name(name: Any, argument: str = "name") -> str:
+    """A usable new ``attn_implementation`` name, or TypeError/ValueError naming `argument`.
 
-        live = patches._ORIGINALS.get(builder, live)
-    return live
-
-
-def _record_mask_interface_calls(masking: Any, builder: str, original: Any) -> list[tuple[tuple, dict]]:
-    """Every call `original` makes to the mask interface on a 0/1 probe mask (args, kwargs).
-
-    The recorder is registered under a fresh key only this call names (so no model or other thread
-    dispatches to it) and the registry is restored exactly, also when the probe fails.
+    transformers reads meaning into some names (a ``paged|`` prefix; ``flash`` anywhere turns on its
+    flash-attention code paths), so those are refused along with empty and non-string names.
     """
-    calls: list[tuple[tuple, dict]] = []
-
-    def record(*args: Any, **kwargs: Any) -> None:
-        calls.append((args, kwargs))
-
-    registry = masking.AttentionMaskInterface._global_mapping
-    key = f"am_packing_probe_{uuid.uuid4().hex}"
-    registry[key] = record
-    try:
-        mask = torch.ones(1, _PROBE_LENGTH, dtype=torch.long)
-        call_builder(builder, original, key, _PROBE_LENGTH, attention_mask=mask)
-    finally:
-        del registry[key]
-    return calls
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a str (an attn_implementation name), got {type(name).__name__}")
+    if not name or name != name.strip():
+        raise ValueError(f"{argument} must be a non-empty name without surrounding spaces, got {name!r}")
+    if name.startswith("paged|") or "flash" in name:
+        raise ValueError(
+            f"{argument}={name!r}: transformers gives names with a 'paged|' prefix or containing 'flash' a "
+            "meaning of their own; choose another name"
+        )
+    return name
 
 
-def _probe_mask_interface_call(masking: Any, builder: str, original: Any) -> None:
-    """The builder calls the mask interface with `attention_mask` (the 2D mask) and `kv_length` as keywords."""
-    what = builder_what(builder)
-    calls = _record_mask_interface_calls(masking, builder, original)
-    if not calls:
-        raise contract_error(what, "the probe call never reached the AttentionMaskInterface function")
-    for args, kwargs in calls:
-        missing = [n for n in _MASK_KEYWORDS if n not in kwargs]
-        if missing:
-            raise contract_error(
-                what,
-                f"no longer calls the AttentionMaskInterface function with keywords {list(_MASK_KEYWORDS)} "
-                f"(missing {missing}; {len(args)} positional arguments)",
-            )
-        mask, kv_length = kwargs["attention_mask"], kwargs["kv_length"]
-        if not (
-            isinstance(mask, torch.Tensor) and mask.shape == (1, _PROBE_LENGTH) and kv_length == _PROBE_LENGTH
-        ):
-            raise contract_error(
-                what,
-                f"called the AttentionMaskInterface function with attention_mask={mask!r}, kv_length={kv_length!r}; "
-                f"expected the 2D probe mask of shape (1, {_PROBE_LENGTH}) and kv_length={_PROBE_LENGTH}",
-            )
-
-
-def register_varlen_attention(name: str = VARLEN_ATTN_IMPLEMENTATION) -> PatchSet:
-    """Register torch varlen attention as ``attn_implementation=name`` (attention + mask interfaces).
-
-    Idempotent; returns the handle (``.revert()``, context manager). Undo: `unregister_varlen_attention`.
-    Needs torch>=2.10 at call time of the attention, and a CUDA device for the kernel itself.
-    """
-    global _VARLEN_SET
-    if _VARLEN_SET is not None and _VARLEN_SET.applied:
-        return _VARLEN_SET
+def _registration(name: str) -> PatchSet:
     import transformers
 
     masking = import_module_checked("transformers.masking_utils")
-    patches = _VarlenPatchSet(
+    registries = (
+        (transformers.AttentionInterface._global_mapping, varlen_attention_forward, "AttentionInterface"),
+        (masking.AttentionMaskInterface._global_mapping, varlen_mask, "AttentionMaskInterface"),
+    )
+    for registry, ours, label in registries:
+        taken = registry.get(name)
+        if taken is not None and taken is not ours:
+            raise ValueError(
+                f"name={name!r} is already registered in transformers' {label} (as {taken!r}); registering "
+                "torch varlen attention under it would change that backend for every model. Choose a new name"
+            )
+    return PatchSet(
         [
             ItemPatch(
-                transformers.AttentionInterface._global_mapping,
+                registries[0][0],
                 name,
                 varlen_attention_forward,
                 contract=_check_registries,
                 label="AttentionInterface",
             ),
-            ItemPatch(
-                masking.AttentionMaskInterface._global_mapping,
-                name,
-                varlen_mask,
-                label="AttentionMaskInterface",
-            ),
+            ItemPatch(registries[1][0], name, varlen_mask, label="AttentionMaskInterface"),
         ],
         name=f"am_packing.register_varlen_attention({name!r})",
     )
-    patches.apply()
-    _VARLEN_SET = patches
-    return patches
+
+
+_VARLEN = GlobalPatch(_registration)
+
+
+def register_varlen_attention(name: str = VARLEN_ATTN_IMPLEMENTATION) -> PatchSet:
+    """Register torch varlen attention as ``attn_implementation=name`` (attention + mask interfaces).
+
+    Idempotent for the same name; returns the handle (``.revert()``, context manager). A name transformers
+    already has (``"sdpa"``, ...) is refused, and so is a second name while one is registered. Undo:
+    `unregister_varlen_attention`. Needs torch>=2.10 at call time of the attention, and a CUDA device for
+    the kernel itself.
+    """
+    check_backend_name(name)
+    active = _VARLEN.active
+    if active is not None and active.patches[0].attr != name:
+        raise ValueError(
+            f"torch varlen attention is already registered as {active.patches[0].attr!r}; "
+            f"call unregister_varlen_attention() before registering it as name={name!r}"
+        )
+    return _VARLEN.apply(name)
 
 
 def unregister_varlen_attention() -> None:
     """Remove the torch_varlen registration (no-op when not registered)."""
-    global _VARLEN_SET
-    if _VARLEN_SET is not None:
-        _VARLEN_SET.revert()
-        _VARLEN_SET = None
+    _VARLEN.revert()

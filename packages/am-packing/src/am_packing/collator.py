@@ -1,4 +1,15 @@
-"""Bin-pack tokenised examples into rows with an indexed mask, per-document positions and safe labels.
+"""Pack tokenised examples into rows with document boundaries, per-document positions and safe labels.
+
+Two output modes:
+
+- ``"indexed"`` (default): first-fit-decreasing rows ``[rows, max_length]`` with an indexed mask (1-based
+  document id per token, 0 = padding). `PackingCollator` marks that mask (`DocumentIdMask`) so that only a
+  model prepared with `enable_packing` (or `configure_packing`) accepts it; `pack_sequences` returns it plain.
+- ``"position_ids"``: transformers' own padding-free format (like its ``DataCollatorWithFlattening``): every
+  document concatenated into one row ``[1, total_tokens]``, ``position_ids`` restarting at 0 per document, no
+  attention mask, ``cu_seq_lens_q/k`` and ``max_length_q/k`` for varlen kernels, and ``use_cache=False``
+  (transformers only packs by position_ids when no KV cache is built). Exact on an unpatched model with
+  sdpa, eager, flex_attention and flash_attention_2/3; token counters count it right (no padding at all).
 
 Label rule (why the *first* token of each document gets -100): transformers' causal-LM loss shifts
 labels inside the loss, so the logit at position ``t`` is scored against ``labels[t + 1]``. In a packed
@@ -11,53 +22,115 @@ Padding gets -100 as well, so the last real token of a row predicts nothing.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from .marker import DocumentIdMask, as_plain
+
 __all__ = ["PackingCollator", "first_fit_decreasing", "pack_sequences", "packing_efficiency"]
 
 IGNORE_INDEX = -100
+MODES = ("indexed", "position_ids")
+_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
 
 
-def _as_list(value: Any, what: str, index: int) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        if value.ndim != 1:
-            raise ValueError(f"example {index}: {what} must be 1D, got shape {tuple(value.shape)}")
-        return [int(v) for v in value.tolist()]
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [int(v) for v in value]
-    raise TypeError(
-        f"example {index}: {what} must be a sequence of ints or a 1D tensor, got {type(value).__name__}"
-    )
+def _check_int(value: Any, name: str, *, minimum: int, maximum: int = _INT64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if not minimum <= int(value) <= maximum:
+        raise ValueError(f"{name} must be an int in [{minimum}, {maximum}], got {value!r}")
+    return int(value)
 
 
-def _normalise(examples: Sequence[Any], max_length: int, truncate: bool) -> list[tuple[list[int], list[int]]]:
-    docs: list[tuple[list[int], list[int]]] = []
-    for i, example in enumerate(examples):
-        if isinstance(example, Mapping):
-            if "input_ids" not in example:
-                raise ValueError(f"example {i} has no 'input_ids' key (keys: {sorted(example)})")
-            ids = _as_list(example["input_ids"], "input_ids", i)
-            labels = (
-                _as_list(example["labels"], "labels", i) if example.get("labels") is not None else list(ids)
-            )
-            if len(labels) != len(ids):
-                raise ValueError(f"example {i}: {len(labels)} labels for {len(ids)} input_ids")
+def _check_max_length(value: Any) -> int:
+    # cu_seqlens are int32, so no row (and no batch) can hold more tokens than that
+    return _check_int(value, "max_length", minimum=1, maximum=_INT32_MAX)
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    return mode
+
+
+def _token_list(value: Any, what: str, where: str, *, minimum: int) -> list[int]:
+    """`value` (list/tuple of ints, 1D integer numpy array or tensor) as a list of ints in [minimum, 2**63)."""
+    value = as_plain(value)
+    if isinstance(value, torch.Tensor) or (hasattr(value, "dtype") and hasattr(value, "ndim")):
+        dtype = value.dtype  # a tensor or a numpy array
+        if isinstance(dtype, torch.dtype):
+            integer = not (dtype == torch.bool or dtype.is_floating_point or dtype.is_complex)
         else:
-            ids = _as_list(example, "input_ids", i)
-            labels = list(ids)
-        if not ids:
-            raise ValueError(f"example {i} is empty; drop empty examples before packing")
-        if len(ids) > max_length:
-            if not truncate:
-                raise ValueError(
-                    f"example {i} has {len(ids)} tokens, more than max_length={max_length}; "
-                    "pass truncate=True to cut it, or raise max_length"
+            integer = getattr(dtype, "kind", None) in ("i", "u")
+        if not integer:
+            raise TypeError(f"{where}: {what} must hold integer token ids, got dtype {dtype}")
+        if value.ndim != 1:
+            raise ValueError(f"{where}: {what} must be 1D, got shape {tuple(value.shape)}")
+        if getattr(value, "is_meta", False):
+            raise ValueError(f"{where}: {what} is on the meta device and has no values")
+        tokens = value.tolist()
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        tokens = list(value)
+        for v in tokens:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(
+                    f"{where}: {what} must hold integer token ids, found {v!r} ({type(v).__name__})"
                 )
-            ids, labels = ids[:max_length], labels[:max_length]
-        docs.append((ids, labels))
+        tokens = [int(v) for v in tokens]
+    else:
+        raise TypeError(
+            f"{where}: {what} must be a sequence of ints, a 1D integer tensor or numpy array, "
+            f"got {type(value).__name__}"
+        )
+    bad = next((v for v in tokens if not minimum <= v <= _INT64_MAX), None)
+    if bad is not None:
+        raise ValueError(f"{where}: {what} holds {bad}, outside [{minimum}, 2**63 - 1]")
+    return tokens
+
+
+def _document(example: Any, where: str, max_length: int, truncate: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example; raises naming `where` (its batch position or dataset index)."""
+    if isinstance(example, Mapping):
+        if "input_ids" not in example:
+            raise ValueError(f"{where} has no 'input_ids' key (keys: {sorted(map(str, example))})")
+        ids = _token_list(example["input_ids"], "input_ids", where, minimum=0)
+        if example.get("labels") is not None:
+            labels = _token_list(example["labels"], "labels", where, minimum=IGNORE_INDEX)
+            if len(labels) != len(ids):
+                raise ValueError(f"{where}: {len(labels)} labels for {len(ids)} input_ids")
+        else:
+            labels = list(ids)
+    else:
+        ids = _token_list(example, "input_ids", where, minimum=0)
+        labels = list(ids)
+    if not ids:
+        raise ValueError(f"{where} is empty; drop empty examples before packing")
+    if len(ids) > max_length:
+        if not truncate:
+            raise ValueError(
+                f"{where} has {len(ids)} tokens, more than max_length={max_length}; "
+                "pass truncate=True to cut it, or raise max_length"
+            )
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+def _normalise(examples: Any, max_length: int, truncate: bool) -> list[tuple[list[int], list[int]]]:
+    if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes, Mapping)):
+        raise TypeError(f"examples must be a sequence of examples, got {type(examples).__name__}")
+    docs = [_document(e, f"example {i}", max_length, truncate) for i, e in enumerate(examples)]
+    if not docs:
+        raise ValueError("examples is empty: pack_sequences needs at least one example")
     return docs
 
 
@@ -79,33 +152,41 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def packing_efficiency(batch: Mapping[str, torch.Tensor]) -> float:
+def packing_efficiency(batch: Mapping[str, Any]) -> float:
     """Fraction of the row slots that hold real tokens (1.0 = no padding)."""
-    mask = batch["attention_mask"]
+    mask = batch.get("attention_mask")
+    if mask is None:  # position_ids mode: one row of real tokens
+        return 1.0
+    mask = as_plain(mask)
     return float((mask > 0).sum()) / max(1, mask.numel())
 
 
-def pack_sequences(
-    examples: Sequence[Any],
-    max_length: int,
-    *,
-    pad_token_id: int = 0,
-    truncate: bool = False,
-    return_cu_seqlens: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Pack `examples` (token-id sequences, or mappings with ``input_ids`` and optional ``labels``) into rows.
+def _cu_seqlens(seqlens: list[int]) -> dict[str, Any]:
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(seqlens), max_length_k=max(seqlens))
 
-    Returns ``input_ids``, ``labels``, ``attention_mask`` (indexed: 1-based document id, 0 = padding)
-    and ``position_ids`` (restarting at 0 for every document), each ``[rows, max_length]`` int64.
-    Over-long examples raise ValueError unless ``truncate=True``. With ``return_cu_seqlens`` the batch
-    also carries ``cu_seq_lens_q/k`` and ``max_length_q/k`` (computed on the host, padding counted as
-    one extra sequence per row) so varlen backends need no host sync at all.
-    """
-    if not isinstance(max_length, int) or max_length <= 0:
-        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-    docs = _normalise(examples, max_length, truncate)
-    if not docs:
-        raise ValueError("pack_sequences needs at least one example")
+
+def _flattened(docs: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    ids = [t for d, _ in docs for t in d]
+    labels: list[int] = []
+    positions: list[int] = []
+    for d, labs in docs:
+        labels += [IGNORE_INDEX, *labs[1:]]  # see module docstring: no loss crosses a boundary
+        positions += range(len(d))
+    batch: dict[str, Any] = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+    batch.update(_cu_seqlens([len(d) for d, _ in docs]))
+    batch["use_cache"] = False
+    return batch
+
+
+def _rows(
+    docs: list[tuple[list[int], list[int]]], max_length: int, pad_token_id: int, return_cu_seqlens: bool
+) -> dict[str, Any]:
     bins = first_fit_decreasing([len(d[0]) for d in docs], max_length)
     rows = len(bins)
     input_ids = torch.full((rows, max_length), pad_token_id, dtype=torch.long)
@@ -128,16 +209,54 @@ def pack_sequences(
         if start < max_length:
             positions[r, start:] = torch.arange(max_length - start)
             seqlens.append(max_length - start)
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
-    if return_cu_seqlens:
-        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
-        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(seqlens), max_length_k=max(seqlens))
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "position_ids": positions,
+    }
+    if return_cu_seqlens:  # padding counted as one extra sequence per row
+        batch.update(_cu_seqlens(seqlens))
     return batch
 
 
+def pack_sequences(
+    examples: Sequence[Any],
+    max_length: int,
+    *,
+    pad_token_id: int = 0,
+    truncate: bool = False,
+    return_cu_seqlens: bool = False,
+    mode: str = "indexed",
+) -> dict[str, Any]:
+    """Pack `examples` (token-id sequences, numpy arrays, 1D tensors, or mappings with ``input_ids`` and
+    optional ``labels``) for training.
+
+    ``mode="indexed"``: ``input_ids``, ``labels``, ``attention_mask`` (indexed: 1-based document id, 0 =
+    padding, a plain tensor here) and ``position_ids`` (restarting at 0 for every document), each
+    ``[rows, max_length]`` int64; with ``return_cu_seqlens`` also ``cu_seq_lens_q/k`` and ``max_length_q/k``
+    (padding counted as one extra sequence per row) so varlen backends need no host sync.
+    ``mode="position_ids"``: transformers' padding-free format, see the module docstring.
+    Examples longer than `max_length` raise ValueError unless ``truncate=True``; token ids must be integers
+    in [0, 2**63) (no float ids, nothing silently truncated).
+    """
+    max_length = _check_max_length(max_length)
+    pad_token_id = _check_int(pad_token_id, "pad_token_id", minimum=0)
+    truncate = _check_flag(truncate, "truncate")
+    return_cu_seqlens = _check_flag(return_cu_seqlens, "return_cu_seqlens")
+    mode = _check_mode(mode)
+    docs = _normalise(examples, max_length, truncate)
+    if mode == "position_ids":
+        return _flattened(docs)
+    return _rows(docs, max_length, pad_token_id, return_cu_seqlens)
+
+
 class PackingCollator:
-    """DataLoader ``collate_fn`` around `pack_sequences`; tracks packing efficiency over its batches."""
+    """DataLoader / Trainer ``collate_fn`` around `pack_sequences`; tracks packing efficiency over its batches.
+
+    In the default ``mode="indexed"`` the mask is a `DocumentIdMask`: call `enable_packing(model)` before
+    training, or the model refuses the batch. ``mode="position_ids"`` needs no preparation.
+    """
 
     def __init__(
         self,
@@ -146,30 +265,67 @@ class PackingCollator:
         *,
         truncate: bool = False,
         return_cu_seqlens: bool = False,
+        mode: str = "indexed",
     ) -> None:
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        self.max_length = max_length
-        self.pad_token_id = pad_token_id
-        self.truncate = truncate
-        self.return_cu_seqlens = return_cu_seqlens
+        if pad_token_id is None:
+            raise TypeError(
+                "pad_token_id must be an int, got None; PackingCollator.from_tokenizer(tokenizer, max_length) "
+                "reads it from a tokenizer"
+            )
+        self.max_length = _check_max_length(max_length)
+        self.pad_token_id = _check_int(pad_token_id, "pad_token_id", minimum=0)
+        self.truncate = _check_flag(truncate, "truncate")
+        self.return_cu_seqlens = _check_flag(return_cu_seqlens, "return_cu_seqlens")
+        self.mode = _check_mode(mode)
         self.real_tokens = 0
         self.slots = 0
         self.last_efficiency = 0.0
 
-    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        batch = pack_sequences(
-            examples,
-            self.max_length,
-            pad_token_id=self.pad_token_id,
-            truncate=self.truncate,
-            return_cu_seqlens=self.return_cu_seqlens,
-        )
-        real = int((batch["attention_mask"] > 0).sum())
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, max_length: int, **kwargs: Any) -> PackingCollator:
+        """A collator padding with ``tokenizer.pad_token_id`` (ValueError when the tokenizer has none)."""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            raise ValueError(
+                f"tokenizer ({type(tokenizer).__name__}) has no pad_token_id; set one first, e.g. "
+                "tokenizer.pad_token = tokenizer.eos_token"
+            )
+        return cls(max_length, pad, **kwargs)
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+        try:
+            batch = pack_sequences(
+                examples,
+                self.max_length,
+                pad_token_id=self.pad_token_id,
+                truncate=self.truncate,
+                return_cu_seqlens=self.return_cu_seqlens,
+                mode=self.mode,
+            )
+        except ValueError as exc:
+            if str(exc).startswith("example "):
+                raise ValueError(
+                    f"{exc} (position in this batch; collator.validate_dataset(dataset) names the dataset index)"
+                ) from exc
+            raise
+        if self.mode == "indexed":
+            mask = batch["attention_mask"]
+            real, slots = int((mask > 0).sum()), mask.numel()
+            batch["attention_mask"] = DocumentIdMask(mask)
+        else:
+            real = slots = batch["input_ids"].numel()
         self.real_tokens += real
-        self.slots += batch["attention_mask"].numel()
-        self.last_efficiency = real / batch["attention_mask"].numel()
+        self.slots += slots
+        self.last_efficiency = real / slots
         return batch
+
+    def validate_dataset(self, dataset: Any) -> None:
+        """Check every example of `dataset` (``len`` + indexing, e.g. an HF Dataset or a list) before
+        training; ValueError/TypeError naming the dataset index of the first bad one."""
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"dataset must support len() and indexing, got {type(dataset).__name__}")
+        for i in range(len(dataset)):
+            _document(dataset[i], f"dataset index {i}", self.max_length, self.truncate)
 
     @property
     def efficiency(self) -> float:
@@ -177,4 +333,7 @@ class PackingCollator:
         return self.real_tokens / self.slots if self.slots else 0.0
 
     def __repr__(self) -> str:
-        return f"PackingCollator(max_length={self.max_length}, pad_token_id={self.pad_token_id}, efficiency={self.efficiency:.3f})"
+        return (
+            f"PackingCollator(max_length={self.max_length}, pad_token_id={self.pad_token_id}, "
+            f"mode={self.mode!r}, efficiency={self.efficiency:.3f})"
+        )

@@ -12,6 +12,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from ._originals import MASK_BUILDERS
+
 __all__ = ["MASK_BUILDERS", "PACKING_PATCH_MODULES", "find_causal_mask_modules", "get_packing_modules"]
 
 # The seed's module list; kept public because downstream code refers to it.
@@ -25,9 +27,6 @@ PACKING_PATCH_MODULES: tuple[str, ...] = (
     "transformers.models.qwen3_vl.modeling_qwen3_vl",
     "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
 )
-
-# masking_utils functions whose module-level references we replace with packing-aware pass-throughs.
-MASK_BUILDERS: tuple[str, ...] = ("create_causal_mask", "create_sliding_window_causal_mask")
 
 _IMPORT_RE = re.compile(r"from\s+(?:\.\.\.|transformers\.)masking_utils\s+import\s*(\([^)]*\)|[^\n]*)", re.S)
 

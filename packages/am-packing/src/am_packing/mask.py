@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .marker import DocumentIdMask, as_plain
+
 __all__ = [
     "UnpadData",
     "document_ids_from_position_ids",
@@ -36,7 +38,8 @@ class UnpadData(NamedTuple):
 
 
 def _check_layout(attention_mask: object) -> torch.Tensor:
-    """Host-side checks (no sync): a 2D integer or bool tensor."""
+    """Host-side checks (no sync): a non-empty 2D integer or bool tensor with values (not on the meta device)."""
+    attention_mask = as_plain(attention_mask)
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.ndim != 2:
@@ -48,6 +51,12 @@ def _check_layout(attention_mask: object) -> torch.Tensor:
         raise ValueError(
             f"attention_mask must have an integer or bool dtype (document ids), got {attention_mask.dtype}; "
             "a float mask is an additive bias, not an indexed packing mask"
+        )
+    if attention_mask.is_meta:
+        raise ValueError("attention_mask is on the meta device: it has no values to read document ids from")
+    if attention_mask.numel() == 0:
+        raise ValueError(
+            f"attention_mask is empty (shape {tuple(attention_mask.shape)}): there are no tokens"
         )
     return attention_mask
 
@@ -85,7 +94,7 @@ def _describe_violation(ids: torch.Tensor, bad: torch.Tensor) -> str:
     else:
         why = f"document id skips from {prev} to {value} (ids must grow by exactly 1)"
     snippet = ids[row, max(0, pos - 3) : pos + 3].tolist()
-    return f"invalid indexed packing mask at row {row}, position {pos}: {why}; row excerpt {snippet}"
+    return f"attention_mask: invalid indexed packing mask at row {row}, position {pos}: {why}; row excerpt {snippet}"
 
 
 def validate_indexed_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,21 +109,74 @@ def validate_indexed_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def is_indexed_packed_mask(attention_mask: torch.Tensor | None) -> bool:
     """True iff `attention_mask` is a 2D integer mask holding some id > 1, i.e. packs several documents in a row.
 
-    A 0/1 or bool padding mask, None, a float mask or a 4D mask is not one (returns False, never raises).
-    One host sync (the max).
+    A 0/1 or bool padding mask, None, a non-tensor, a float, complex, empty or meta-device mask, or a 4D mask
+    is not one (returns False, never raises). One host sync (the max).
     """
+    attention_mask = as_plain(attention_mask)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
         return False
-    if attention_mask.dtype == torch.bool or attention_mask.dtype.is_floating_point:
+    dtype = attention_mask.dtype
+    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
         return False
-    if attention_mask.numel() == 0:
+    if attention_mask.numel() == 0 or attention_mask.is_meta:
         return False
     return bool(attention_mask.max() > 1)
+
+
+def needs_a_look(mask: object) -> bool:
+    """Model-input masks that packing code inspects: marked ones, and non-bool masks other than 4D ones."""
+    if isinstance(mask, DocumentIdMask):
+        return True
+    return isinstance(mask, torch.Tensor) and mask.ndim != 4 and mask.dtype != torch.bool
+
+
+def packs_documents(mask: torch.Tensor, input_shape: tuple[int, ...] | None) -> bool:
+    """Whether a model's 2D `mask` packs several documents per row (one host sync); ValueError if it would
+    be misread.
+
+    Refused: a mask that is not 2D (an integer 3D mask, ...), a float mask holding anything but 0/1 (document
+    ids in the wrong dtype, which transformers would read as padding), an invalid indexed mask, and an indexed
+    mask whose shape is not `input_shape` (``[batch, seq_len]`` of input_ids / inputs_embeds). 0/1 masks of
+    any dtype keep transformers' meaning (False).
+    """
+    if mask.ndim != 2:
+        raise ValueError(
+            f"attention_mask must be a 2D [batch, seq_len] mask (0/1 padding or indexed packing) or a 4D mask, "
+            f"got shape {tuple(mask.shape)} ({mask.dtype})"
+        )
+    if mask.numel() == 0 or mask.is_meta:
+        return False
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                f"attention_mask has dtype {mask.dtype} and values other than 0 and 1: an indexed packing mask "
+                "(document ids) must be an integer tensor, and a float one would be read as a padding mask "
+                "that lets documents attend to each other"
+            )
+        return False
+    stats = torch.stack([mask.max(), mask.min()]).tolist()
+    if stats[0] <= 1 and stats[1] >= 0:  # plain 0/1 padding mask: transformers' own behaviour
+        return False
+    validate_indexed_mask(mask)
+    if input_shape is not None and tuple(mask.shape) != tuple(input_shape):
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} does not match the input of shape {tuple(input_shape)} "
+            "(input_ids / inputs_embeds): an indexed packing mask needs one document id per token"
+        )
+    return True
 
 
 def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Indexed mask (no padding) from per-document ``position_ids``: a document starts where the position
     does not continue the previous one by +1, and at column 0."""
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+    if (
+        position_ids.dtype.is_floating_point
+        or position_ids.dtype.is_complex
+        or position_ids.dtype == torch.bool
+    ):
+        raise ValueError(f"position_ids must have an integer dtype, got {position_ids.dtype}")
     if position_ids.ndim == 1:
         position_ids = position_ids.unsqueeze(0)
     if position_ids.ndim != 2:
@@ -186,6 +248,13 @@ def get_unpad_data(
     >>> get_unpad_data(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 2, 3, 3, 3]]))
     UnpadData(indices=tensor([ 0,  1,  2,  3,  4,  6,  7,  8,  9, 10, 11]), cu_seqlens=tensor([ 0,  2,  5,  6,  8, 11], dtype=torch.int32), max_seqlen=3)
     """
+    if max_seqlen is not None and (
+        isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
+    ):
+        kind = TypeError if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) else ValueError
+        raise kind(f"max_seqlen must be None or a non-negative int, got {max_seqlen!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
     st = _stats(attention_mask, strict=strict, max_seqlen=max_seqlen)
     cu_seqlens = F.pad(st.lengths[: st.num_docs].cumsum(0, dtype=torch.int32), (1, 0))
     # nonzero_static with a host-known size does not synchronise again

@@ -9,8 +9,10 @@ What is patched (all through `Patch`, reverted exactly by `unconfigure_packing`)
    from source without importing them).
 3. ``modeling_flash_attention_utils._get_unpad_data``: one varlen sequence per document.
 
-Modules imported while packing is configured hold our pass-through; the undo finds them (by identity)
-and restores the original there too.
+Every contract (builder signatures, a document-mask probe per builder, the unpad probe) is checked before
+the first set (`PatchSet`'s first phase). Modules imported while packing is configured hold our
+pass-through; the undo finds them (by identity) and restores the original there too. The model-scoped
+alternative, which patches nothing process-wide, is `am_packing.enable_packing`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from ._contract import (
     contract_error,
     import_module_checked,
     parameter_name,
+    require_callable,
     require_parameters,
     require_result,
 )
-from ._patch import MISSING, Patch, PatchSet, mark
+from ._originals import MASK_BUILDERS, ORIGINALS, SCOPED_PREFIX, passthrough_marker, unpatched_builder
+from ._patch import MISSING, GlobalPatch, Patch, PatchSet, mark
 from ._probes import PROBE_WINDOW, builder_what, call_builder
-from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, document_mask_function, flash_unpad_data
-from .discovery import MASK_BUILDERS
-from .mask import validate_indexed_mask
+from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, flash_unpad_data
+from .marker import as_plain
+from .mask import needs_a_look, packs_documents
 
 __all__ = [
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
@@ -45,12 +49,14 @@ __all__ = [
     "unconfigure_packing",
 ]
 
-# Backends whose varlen path takes the 2D indexed mask itself (unpadded per document). "te" is
-# am-attention's Transformer Engine backend, which runs the indexed mask in TE's THD format; it is
-# named here as data, am-packing does not import am-attention.
-_VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTN_IMPLEMENTATION, "te")
-# Backends for which the indexed mask becomes a block-diagonal (sliding) causal mask.
-_MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
+# Backends whose varlen path takes the 2D indexed mask itself (unpadded per document).
+_VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTN_IMPLEMENTATION)
+# Backends for which the indexed mask becomes a block-diagonal (sliding) causal mask. "te" is am-attention's
+# Transformer Engine backend (named here as data, am-packing does not import am-attention): it receives the
+# same 4D mask as sdpa, built by its AttentionMaskInterface entry, so every layer that falls back to SDPA
+# (dropout in training, a layer TE skipped, torch.compile) stays exact; TE's own path runs THD when
+# per-document position_ids come with the mask (the collator always emits them).
+_MASK_BACKENDS = ("sdpa", "eager", "flex_attention", "te")
 SUPPORTED_ATTN_IMPLEMENTATIONS: tuple[str, ...] = _MASK_BACKENDS + _VARLEN_BACKENDS
 
 
@@ -106,47 +112,45 @@ def _blocks_within_documents(block_ids: torch.Tensor, document_ids: torch.Tensor
     return torch.where(block_ids >= 0, block_ids * span + document_ids.to(torch.long), block_ids)
 
 
-def _is_int_2d(mask: Any) -> bool:
-    return (
-        isinstance(mask, torch.Tensor)
-        and mask.ndim == 2
-        and mask.dtype != torch.bool
-        and not mask.dtype.is_floating_point
-        and not mask.dtype.is_complex
-    )
-
-
 def _make_passthrough(builder: str) -> Any:
     """A packing-aware replacement for ``masking_utils.<builder>`` that reads the original at call time."""
 
     def passthrough(*args: Any, **kwargs: Any) -> Any:
         original = _original(builder)
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        if not _is_int_2d(mask):
+        if not needs_a_look(mask):
             return original(*args, **kwargs)
         sig = _SIGNATURES.get(builder) or inspect.signature(original)
         arguments, extra = _split_arguments(sig, args, kwargs)
-        mask = arguments.get("attention_mask")
-        stats = torch.stack([mask.max(), mask.min()]).tolist() if mask.numel() else [0, 0]
-        if stats[0] <= 1 and stats[1] >= 0:  # plain 0/1 padding mask: transformers' own behaviour
-            return original(*args, **kwargs)
-        validate_indexed_mask(mask)
+        mask = as_plain(arguments["attention_mask"])
+        arguments["attention_mask"] = mask
+        config = arguments["config"]
+        impl = getattr(config, "_attn_implementation", None)
+        embeds = arguments.get("inputs_embeds")
+        shape = tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
+        if not packs_documents(mask, shape) or str(impl).startswith(SCOPED_PREFIX):
+            # 0/1 masks, and models prepared by enable_packing (their mask interface applies the documents)
+            return original(**arguments, **extra)
         cache = _cache_argument(arguments, extra)
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             raise ValueError(
                 "an indexed packing mask cannot be combined with a non-empty KV cache "
                 f"({cache.get_seq_length()} cached tokens); packing is for training/prefill from scratch"
             )
-        config = arguments["config"]
-        impl = getattr(config, "_attn_implementation", None)
         if impl in _VARLEN_BACKENDS:
             cached_unpad_data(mask)  # one sync here; every layer then reads the cache
             return mask
         if impl in _MASK_BACKENDS:
-            same_doc = document_mask_function(mask.to(torch.long))
+            masking = sys.modules["transformers.masking_utils"]
+            if impl not in masking.AttentionMaskInterface._global_mapping:
+                raise ValueError(
+                    f"attn_implementation={impl!r} has no AttentionMaskInterface entry, so transformers would build "
+                    "no mask and documents would attend to each other; register the backend first (for 'te': "
+                    "am-attention's register_te_attention_backend or inject_te_attention)"
+                )
+            same_doc = masking.packed_sequence_mask_function(mask.to(torch.long))
             user_and = arguments.get("and_mask_function")
             if user_and is not None:
-                masking = sys.modules["transformers.masking_utils"]
                 same_doc = masking.and_masks(user_and, same_doc)
             # The document ids replace both the padding mask and transformers' position_ids packing
             # detection (which would cost another host sync and sees nothing the ids do not say).
@@ -167,19 +171,9 @@ def _make_passthrough(builder: str) -> Any:
     return passthrough
 
 
-_ORIGINALS: dict[str, Any] = {}
-
-
 def _original(builder: str) -> Any:
     """transformers' own builder (also when the pass-through is called without configure_packing)."""
-    if builder in _ORIGINALS:
-        return _ORIGINALS[builder]
-    live = getattr(import_module_checked("transformers.masking_utils"), builder)
-    if live is _PASSTHROUGHS[builder]:
-        raise RuntimeError(
-            f"transformers.masking_utils.{builder} is our pass-through but its original is unknown"
-        )
-    return live
+    return unpatched_builder(import_module_checked("transformers.masking_utils"), builder)
 
 
 _SIGNATURES: dict[str, inspect.Signature] = {}
@@ -191,10 +185,10 @@ _PASSTHROUGHS = {
 }
 for _name, _fn in _PASSTHROUGHS.items():
     _fn.__doc__ = (
-        f"Packing-aware `{_name}`: indexed packing masks become per-document masks (sdpa/eager/flex) or "
+        f"Packing-aware `{_name}`: indexed packing masks become per-document masks (sdpa/eager/flex/te) or "
         "pass through untouched (flash/torch_varlen); anything else goes to transformers' original."
     )
-    mark(_fn, f"am_packing.{_name}")
+    mark(_fn, passthrough_marker(_name))
 
 
 def _builder_contract(builder: str) -> Any:
@@ -214,8 +208,8 @@ def _builder_contract(builder: str) -> Any:
                 what, f"expected attention_mask as the third positional parameter, found {positional[:3]}"
             )
         masking = sys.modules["transformers.masking_utils"]
-        if not callable(getattr(masking, "and_masks", None)):
-            raise contract_error("transformers.masking_utils.and_masks", "no longer exists")
+        for helper in ("and_masks", "packed_sequence_mask_function"):
+            require_callable(getattr(masking, helper, None), f"transformers.masking_utils.{helper}")
 
     return check
 
@@ -241,7 +235,9 @@ def _probe_document_mask(builder: str, original: Any) -> None:
     allowed = kv <= q
     if builder == "create_sliding_window_causal_mask":
         allowed &= q - kv < PROBE_WINDOW
-    kwargs: dict[str, Any] = dict(attention_mask=None, and_mask_function=document_mask_function(ids))
+    masking = sys.modules["transformers.masking_utils"]
+    same_doc = masking.packed_sequence_mask_function(ids)
+    kwargs: dict[str, Any] = dict(attention_mask=None, and_mask_function=same_doc)
     if "block_sequence_ids" in inspect.signature(original).parameters:
         blocks = torch.tensor([_PROBE_BLOCKS])
         kwargs["block_sequence_ids"] = _blocks_within_documents(blocks, ids)
@@ -279,86 +275,74 @@ def _unpad_contract(live: Any) -> None:
     )
 
 
-class _PackingPatchSet(PatchSet):
-    """PatchSet that, on revert, also restores modules imported while packing was configured."""
+def _builder_check(builder: str) -> Any:
+    """Phase-1 contract of a masking_utils builder: its signature, then the document-mask probe."""
 
-    def revert(self) -> None:
-        covered = {(id(p.target), p.attr) for p in self.patches}
-        for module in list(sys.modules.values()):
-            if module is None or not getattr(module, "__name__", "").startswith("transformers."):
-                continue
-            for builder, passthrough in _PASSTHROUGHS.items():
-                if vars(module).get(builder) is passthrough and (id(module), builder) not in covered:
-                    late = Patch(module, builder, passthrough)
-                    late.original, late.applied = _ORIGINALS[builder], True
-                    late._am_late = True  # type: ignore[attr-defined]
-                    self.patches.append(late)
-        super().revert()
-        self.patches = [p for p in self.patches if not _is_late(p)]
-        global _ACTIVE
-        if _ACTIVE is self:
-            _ACTIVE = None
+    def check(live: Any) -> None:
+        _builder_contract(builder)(live)
+        _probe_document_mask(builder, live)
+
+    return check
 
 
-def _is_late(patch: Patch) -> bool:
-    return getattr(patch, "_am_late", False)
+def _restore_late_modules(handle: PatchSet) -> None:
+    """After the undo: modules imported while packing was configured bound our pass-through; restore them."""
+    for module in list(sys.modules.values()):
+        if module is None or not getattr(module, "__name__", "").startswith("transformers."):
+            continue
+        for builder, passthrough in _PASSTHROUGHS.items():
+            if vars(module).get(builder) is passthrough:
+                setattr(module, builder, ORIGINALS[builder])
 
 
-_ACTIVE: _PackingPatchSet | None = None
+def _build(attn_implementation: str) -> PatchSet:
+    masking = import_module_checked("transformers.masking_utils")
+    flash_utils = import_module_checked("transformers.modeling_flash_attention_utils")
+    patches: list[Patch] = []
+    for builder in MASK_BUILDERS:
+        if vars(masking).get(builder, MISSING) is MISSING:
+            raise contract_error(builder_what(builder), "the function no longer exists")
+        original = unpatched_builder(masking, builder)
+        ORIGINALS[builder] = original
+        _SIGNATURES[builder] = inspect.signature(original)
+        # Callers that adapt by signature (parameter_name, other packages' mask code) read it off the live
+        # builder; the pass-through forwards to `original`, so it declares exactly its parameters.
+        _PASSTHROUGHS[builder].__signature__ = _SIGNATURES[builder]
+        patches.append(Patch(masking, builder, _PASSTHROUGHS[builder], contract=_builder_check(builder)))
+        for name, module in sorted(sys.modules.items()):
+            if name.startswith("transformers.models.") and module is not None:
+                if vars(module).get(builder) is original:
+                    patches.append(Patch(module, builder, _PASSTHROUGHS[builder]))
+    patches.append(Patch(flash_utils, "_get_unpad_data", flash_unpad_data, contract=_unpad_contract))
+    handle = PatchSet(patches, name=f"am_packing.configure_packing({attn_implementation!r})")
+    handle.on_revert.append(_restore_late_modules)
+    return handle
+
+
+_CONFIGURED = GlobalPatch(_build)
 
 
 def configure_packing(attn_implementation: str = "sdpa") -> PatchSet:
     """Make transformers honour indexed packing masks for `attn_implementation` (and every other supported one).
 
     Patches the mask builders of ``masking_utils`` and of every imported modeling module that holds them,
-    plus flash-attention's ``_get_unpad_data``. Idempotent (a second call returns the same handle);
-    returns a handle with ``.revert()`` that is also a context manager. Undo: `unconfigure_packing`.
+    plus flash-attention's ``_get_unpad_data``, after checking every contract. Idempotent (a second call
+    returns the same handle); returns a handle with ``.revert()`` that is also a context manager. Undo:
+    `unconfigure_packing`. Process-wide; `enable_packing(model)` is the model-scoped way.
     """
-    global _ACTIVE
+    if not isinstance(attn_implementation, str):
+        raise TypeError(
+            f"attn_implementation must be a str, got {type(attn_implementation).__name__}; "
+            f"supported: {list(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
+        )
     if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r} cannot be packed exactly; "
             f"supported: {list(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
         )
-    if _ACTIVE is not None and _ACTIVE.applied:
-        return _ACTIVE
-    masking = import_module_checked("transformers.masking_utils")
-    flash_utils = import_module_checked("transformers.modeling_flash_attention_utils")
-    originals: dict[str, Any] = {}
-    for builder in MASK_BUILDERS:
-        live = vars(masking).get(builder, MISSING)
-        if live is MISSING:
-            raise contract_error(f"transformers.masking_utils.{builder}", "the function no longer exists")
-        originals[builder] = live if live is not _PASSTHROUGHS[builder] else _ORIGINALS[builder]
-    # Every builder contract and the document-mask probe run before the first setattr.
-    for builder, original in originals.items():
-        _builder_contract(builder)(original)
-        _probe_document_mask(builder, original)
-    live_unpad = vars(flash_utils).get("_get_unpad_data", MISSING)
-    if live_unpad is not flash_unpad_data:
-        _unpad_contract(live_unpad)
-    patches: list[Patch] = []
-    for builder, original in originals.items():
-        _ORIGINALS[builder] = original
-        _SIGNATURES[builder] = inspect.signature(original)
-        # Callers that adapt by signature (parameter_name, other packages' mask code) read it off the live
-        # builder; the pass-through forwards to `original`, so it declares exactly its parameters.
-        _PASSTHROUGHS[builder].__signature__ = _SIGNATURES[builder]
-        patches.append(Patch(masking, builder, _PASSTHROUGHS[builder], contract=_builder_contract(builder)))
-        for name, module in sorted(sys.modules.items()):
-            if name.startswith("transformers.models.") and module is not None:
-                if vars(module).get(builder) is original:
-                    patches.append(Patch(module, builder, _PASSTHROUGHS[builder]))
-    patches.append(Patch(flash_utils, "_get_unpad_data", flash_unpad_data, contract=_unpad_contract))
-    handle = _PackingPatchSet(patches, name=f"am_packing.configure_packing({attn_implementation!r})")
-    handle.apply()
-    _ACTIVE = handle
-    return handle
+    return _CONFIGURED.apply(attn_implementation)
 
 
 def unconfigure_packing() -> None:
     """Undo `configure_packing`: restore every patched object exactly (no-op when not configured)."""
-    global _ACTIVE
-    if _ACTIVE is not None:
-        _ACTIVE.revert()
-        _ACTIVE = None
+    _CONFIGURED.revert()

@@ -1,32 +1,21 @@
 """am-precision: fp32-safe dtype casting, fp32 RMSNorm, TE FP8 recipes and module backends.
 
 Importing this package imports neither transformer-engine nor any other optional kernel, touches no CUDA
-state and patches nothing; TE is imported on first use of a TE-backed module or recipe.
+state and patches nothing; TE is imported on first use of a TE-backed module or recipe. The helpers behind
+these names (keyword rules, DTensor detection, dtype names) live in their modules (`am_precision.fp32_rules`,
+...), importable but not part of the package's surface.
 """
 
 from .availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP
 from .casting import cast_frozen_modules_to_compute_dtype, cast_model_to_dtype, yield_fp32_model
-from .config import BackendConfig, TEFp8Config, dtype_from_str
-from .fp32_rules import (
-    fp32_tensor_names,
-    get_fp32_module_keywords,
-    get_fp32_parameter_names,
-    get_strict_fp32_module_keywords,
-    has_dtensor_params,
-    name_matches,
-)
+from .config import BackendConfig, TEFp8Config
+from .fp32_rules import get_fp32_module_keywords, get_fp32_parameter_names
 from .initializers import initialize_linear_module, initialize_rms_norm_module
 from .lm_head import compute_lm_head_logits
 from .microbatch import get_is_first_microbatch, get_is_optim_step, set_is_first_microbatch, set_is_optim_step
 from .norms import Float32RMSNorm, compile_unavailable_reason, float32_rms_norm
 from .rope import get_rope_config
-from .te_lazy import (
-    LazyTEPatcher,
-    is_tensor_unallocated,
-    make_lazy_te_patcher,
-    patch_te_modules,
-    unpatch_te_modules,
-)
+from .te_lazy import is_tensor_unallocated, make_lazy_te_patcher, patch_te_modules, unpatch_te_modules
 from .version import __version__
 
 __all__ = [
@@ -36,28 +25,22 @@ __all__ = [
     "HAVE_UCCL_EP",
     "BackendConfig",
     "Float32RMSNorm",
-    "LazyTEPatcher",
     "TEFp8Config",
     "__version__",
     "cast_frozen_modules_to_compute_dtype",
     "cast_model_to_dtype",
     "compile_unavailable_reason",
     "compute_lm_head_logits",
-    "dtype_from_str",
     "float32_rms_norm",
-    "fp32_tensor_names",
     "get_fp32_module_keywords",
     "get_fp32_parameter_names",
     "get_is_first_microbatch",
     "get_is_optim_step",
     "get_rope_config",
-    "get_strict_fp32_module_keywords",
-    "has_dtensor_params",
     "initialize_linear_module",
     "initialize_rms_norm_module",
     "is_tensor_unallocated",
     "make_lazy_te_patcher",
-    "name_matches",
     "patch_te_modules",
     "set_is_first_microbatch",
     "set_is_optim_step",

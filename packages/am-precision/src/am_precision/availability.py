@@ -32,4 +32,4 @@ HAVE_UCCL_EP: bool = _installed("uccl") or _installed("ep")
 
 TE_INSTALL_HINT = 'pip install "am-precision[te]"'
 
-__all__ = ["HAVE_DEEP_EP", "HAVE_GMM", "HAVE_TE", "HAVE_UCCL_EP", "TE_INSTALL_HINT"]
+__all__ = ["HAVE_DEEP_EP", "HAVE_GMM", "HAVE_TE", "HAVE_UCCL_EP"]

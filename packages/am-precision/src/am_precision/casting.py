@@ -5,24 +5,26 @@ Works on plain, meta-device and FSDP2/DTensor-sharded models. The broad cast is 
 sharded-parameter bookkeeping). Tensors that must stay fp32 are cloned before that cast and written back
 afterwards through `nn.Module._apply`, so they never pass through the low dtype: they are restored bit for
 bit (an fp32 -> bf16 -> fp32 round trip would keep the dtype but lose the values). Which tensors are kept
-is decided by `fp32_rules` (exact dotted-path segments; see that module's docstring).
+is decided by `fp32_rules`: transformers' rule for which list applies to which dtype (strict lists for
+float16 and bfloat16, `_keep_in_fp32_modules` for float16 only) and exact dotted-path segments for matching
+(see that module's docstring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
-from .fp32_rules import fp32_tensor_names, get_fp32_module_keywords, has_dtensor_params, name_matches
-
-
-def _check_dtype(dtype: object, what: str) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"{what} must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    return dtype
+from ._args import check_dtype, check_model
+from .fp32_rules import (
+    fp32_tensor_names,
+    get_fp32_module_keywords,
+    has_dtensor_params,
+    name_matches,
+)
 
 
 def _fsdp_module_class() -> type | None:
@@ -76,9 +78,17 @@ def _check_fsdp_units(model: nn.Module, kept_params: list[str]) -> None:
 
 
 def _check_skip_modules(model: nn.Module, skip_modules: tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(skip_modules, str):
+    if isinstance(skip_modules, (str, bytes)):
         raise TypeError(f"skip_modules must be a tuple of child names, got the string {skip_modules!r}")
-    skip = tuple(skip_modules)
+    try:
+        skip = tuple(skip_modules)
+    except TypeError:
+        raise TypeError(
+            f"skip_modules must be a tuple of child names, got {type(skip_modules).__name__} {skip_modules!r:.80}"
+        ) from None
+    bad = [s for s in skip if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"skip_modules must hold child names (str), got {bad!r:.80}")
     children = [name for name, child in model._modules.items() if child is not None]
     unknown = [s for s in skip if s not in children]
     if unknown:
@@ -130,19 +140,23 @@ def cast_model_to_dtype(
 ) -> None:
     """Cast the model's floating tensors to `dtype`, keeping `_keep_in_fp32_modules(_strict)` tensors in fp32.
 
-    Unsharded models (plain or meta tensors): every parameter and buffer matching a keyword ends in fp32,
-    restored exactly from a pre-cast clone. FSDP2/DTensor-sharded models: parameters matching a *strict*
+    Which keywords apply follows transformers' loader for that dtype: `_keep_in_fp32_modules_strict` for
+    float16 and bfloat16, `_keep_in_fp32_modules` for float16 only, none for float32/float64 (so a bf16
+    cast of a model whose forward casts activations to a non-strict module's dtype stays runnable).
+    Unsharded models (plain or meta tensors): every parameter and buffer matching an applicable keyword
+    ends in fp32, restored exactly from a pre-cast clone. FSDP2/DTensor-sharded models: parameters matching a *strict*
     keyword are kept (each must be its own FSDP unit, else ValueError before anything changes); non-strict
     keywords keep only buffers, because their parameters may share a unit with low-precision ones. DTensor
     parameters keep their placements. `skip_modules` names immediate children that are not touched at all
     (the way to keep an fp32 parameter once FSDP2 has sharded it: make it its own fp32 unit and skip it).
     Keyword matching uses exact dotted-path segments (`am_precision.fp32_rules`).
     """
-    _check_dtype(dtype, "dtype")
+    check_model(model)
+    check_dtype(dtype, "dtype")
     skip = _check_skip_modules(model, skip_modules)
     with _detached(model, skip):
         sharded = has_dtensor_params(model)
-        params, buffers = fp32_tensor_names(model, sharded=sharded)
+        params, buffers = fp32_tensor_names(model, dtype=dtype, sharded=sharded)
         if sharded:
             _check_fsdp_units(model, params)
         kept = _tensors_by_name(model, params, buffers)
@@ -159,20 +173,27 @@ def cast_model_to_dtype(
         _write_back(model, values)
 
 
-@contextmanager
-def yield_fp32_model(model: nn.Module, restore_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+def yield_fp32_model(
+    model: nn.Module, restore_dtype: torch.dtype | None = None
+) -> AbstractContextManager[nn.Module]:
     """Run a block with the whole model in fp32, then cast it to `restore_dtype` (default: its dtype before).
 
     For from-scratch weight init: sampling in fp32 and rounding once keeps the init statistics that
     sampling directly in bf16 distorts. Both casts go through `cast_model_to_dtype`, so fp32-kept tensors
     stay fp32 on exit and a bf16 model whose values are untouched comes back bit-identical. The default
     restore dtype is that of the first floating parameter not kept in fp32. The exit cast also runs when the
-    block raises.
+    block raises. The arguments are checked when this is called, before the `with` block.
     """
+    check_model(model)
     if restore_dtype is None:
         restore_dtype = _model_dtype(model)
     else:
-        _check_dtype(restore_dtype, "restore_dtype")
+        check_dtype(restore_dtype, "restore_dtype")
+    return _fp32_block(model, restore_dtype)
+
+
+@contextmanager
+def _fp32_block(model: nn.Module, restore_dtype: torch.dtype) -> Iterator[nn.Module]:
     cast_model_to_dtype(model, torch.float32)
     try:
         yield model
@@ -200,16 +221,18 @@ def cast_frozen_modules_to_compute_dtype(model: nn.Module, compute_dtype: torch.
     For each maximal submodule that has parameters and none of them trainable: plain (unsharded) parameters
     are cast, DTensor parameters are left alone (FSDP2 all-gathers them in the compute dtype, and changing a
     sharded parameter's dtype in place desyncs its bookkeeping), and buffers are always cast (FSDP2 never
-    shards buffers). Tensors matching the fp32 keywords stay fp32. No-op when `compute_dtype` is None.
+    shards buffers). Tensors matching the fp32 keywords that apply to `compute_dtype` (as in
+    `cast_model_to_dtype`) stay fp32. No-op when `compute_dtype` is None.
     """
+    check_model(model)
     if compute_dtype is None:
         return
-    _check_dtype(compute_dtype, "compute_dtype")
+    check_dtype(compute_dtype, "compute_dtype")
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
         DTensor = ()  # type: ignore[assignment,misc]
-    keywords = get_fp32_module_keywords(model)
+    keywords = get_fp32_module_keywords(model, dtype=compute_dtype)
 
     def frozen(module: nn.Module) -> bool:
         params = list(module.parameters())

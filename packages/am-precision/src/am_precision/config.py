@@ -56,6 +56,10 @@ def _te_default() -> bool:
 
 def dtype_from_str(value: str) -> torch.dtype:
     """`"float32"`, `"torch.float32"`, `"bf16"`, ... -> torch dtype; ValueError listing the accepted names."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"dtype name must be a str such as 'bfloat16', got {type(value).__name__} {value!r:.80}"
+        )
     key = value.strip().lower().removeprefix("torch.")
     if key not in _DTYPE_NAMES:
         raise ValueError(
@@ -87,9 +91,14 @@ class TEFp8Config:
                     f"te_fp8.recipe={self.recipe!r} is not a recipe name; expected one of {list(FP8_RECIPE_CHOICES)} "
                     "or a transformer_engine.common.recipe object"
                 )
-        elif self.recipe is None:
+        elif self.recipe is None or isinstance(
+            self.recipe,
+            (bool, int, float, complex, bytes, list, tuple, dict, set, frozenset, torch.Tensor, torch.dtype),
+        ):
+            # Anything else is taken as an already built TE recipe (TE is not imported to check its class).
             raise ValueError(
-                f"te_fp8.recipe must be one of {list(FP8_RECIPE_CHOICES)} or a TE recipe object, got None"
+                f"te_fp8.recipe must be one of {list(FP8_RECIPE_CHOICES)} or a TE recipe object, "
+                f"got {type(self.recipe).__name__} {self.recipe!r:.80}"
             )
 
     def build_recipe(self) -> Any:
@@ -221,6 +230,9 @@ class BackendConfig:
         self.fake_gate_noise = float(self.fake_gate_noise)
 
         if isinstance(self.te_fp8, dict):
+            unknown = sorted(map(str, set(self.te_fp8) - {"recipe"}))
+            if unknown:
+                raise ValueError(f"BackendConfig.te_fp8 has unknown keys {unknown}; expected only 'recipe'")
             self.te_fp8 = TEFp8Config(**self.te_fp8)
         elif self.te_fp8 is not None and not isinstance(self.te_fp8, TEFp8Config):
             raise ValueError(
@@ -228,7 +240,10 @@ class BackendConfig:
             )
 
         if isinstance(self.gate_precision, str):
-            self.gate_precision = dtype_from_str(self.gate_precision)
+            try:
+                self.gate_precision = dtype_from_str(self.gate_precision)
+            except ValueError as exc:
+                raise ValueError(f"BackendConfig.gate_precision: {exc}") from None
         elif self.gate_precision is not None and not (
             isinstance(self.gate_precision, torch.dtype) and self.gate_precision.is_floating_point
         ):
@@ -296,4 +311,4 @@ class BackendConfig:
         )
 
 
-__all__ = ["BackendConfig", "TEFp8Config", "dtype_from_str"]
+__all__ = ["BackendConfig", "TEFp8Config"]

@@ -1,5 +1,12 @@
 """Which tensors stay in fp32: keywords from `_keep_in_fp32_modules(_strict)` and how they match names.
 
+Which list applies to which dtype is transformers' own rule (``PreTrainedModel._get_dtype_plan``, the
+dtype handling of ``from_pretrained``, the same in every 5.x release we support):
+``_keep_in_fp32_modules_strict`` stays fp32 for a float16 *and* a bfloat16 target, ``_keep_in_fp32_modules``
+only for a float16 target (it exists against fp16 overflow; a model whose forward casts activations to
+those modules' dtype breaks when they stay fp32 in a bf16 model), and nothing is kept for any other
+target (float32, float64). ``tests/test_fp32_rules.py`` checks this against the installed transformers.
+
 Matching rule (exact dotted-path segments). A name such as ``model.layers.0.input_layernorm.weight`` is
 split on ``.`` into segments. A keyword matches the name when the keyword's own segments (``"norm"`` is one
 segment, ``"mlp.gate.weight"`` is three) appear in the name as a contiguous run of whole segments. So:
@@ -27,6 +34,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ._args import check_bool, check_dtype, check_model
+
 _KEEP_ATTRS = ("_keep_in_fp32_modules_strict", "_keep_in_fp32_modules")
 
 
@@ -53,6 +62,7 @@ def _as_keywords(value: object, owner: str, attr: str) -> list[str]:
 def _collect(model: nn.Module, attrs: tuple[str, ...]) -> list[str]:
     # transformers' post_init merges children's lists into the top model; walking every submodule gives
     # the same result for plain nn.Module wrappers around a transformers model.
+    check_model(model)
     keywords: list[str] = []
     for name, module in model.named_modules():
         owner = f"{type(module).__name__}({name or 'root'})"
@@ -61,20 +71,53 @@ def _collect(model: nn.Module, attrs: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(keywords))
 
 
-def get_fp32_module_keywords(model: nn.Module) -> list[str]:
-    """All keywords from `_keep_in_fp32_modules_strict` and `_keep_in_fp32_modules`, de-duplicated in order."""
-    return _collect(model, _KEEP_ATTRS)
+def _check_target_dtype(dtype: object) -> torch.dtype | None:
+    return None if dtype is None else check_dtype(dtype, "dtype")
 
 
-def get_strict_fp32_module_keywords(model: nn.Module) -> list[str]:
-    """Keywords from `_keep_in_fp32_modules_strict` only."""
-    return _collect(model, ("_keep_in_fp32_modules_strict",))
+def _attrs_for(dtype: torch.dtype | None, *, strict_only: bool = False) -> tuple[str, ...]:
+    """Which `_keep_in_fp32_modules*` lists apply to a cast to `dtype` (None: every declared list)."""
+    if dtype is None:
+        return ("_keep_in_fp32_modules_strict",) if strict_only else _KEEP_ATTRS
+    if dtype == torch.float16 and not strict_only:
+        return _KEEP_ATTRS
+    if dtype in (torch.float16, torch.bfloat16):
+        return ("_keep_in_fp32_modules_strict",)
+    return ()
+
+
+def get_fp32_module_keywords(model: nn.Module, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Keywords from `_keep_in_fp32_modules_strict` then `_keep_in_fp32_modules`, de-duplicated in order.
+
+    `dtype=None`: every declared keyword. With a target dtype: those transformers keeps in fp32 when
+    loading in that dtype (strict for float16/bfloat16, non-strict for float16 only; see module doc).
+    """
+    return _collect(model, _attrs_for(_check_target_dtype(dtype)))
+
+
+def get_strict_fp32_module_keywords(model: nn.Module, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Keywords from `_keep_in_fp32_modules_strict` (those that apply to `dtype` when given)."""
+    return _collect(model, _attrs_for(_check_target_dtype(dtype), strict_only=True))
 
 
 def name_matches(name: str, keywords: Iterable[str]) -> bool:
-    """True when any keyword's dotted segments equal a contiguous run of `name`'s segments (see module doc)."""
+    """True when any keyword's dotted segments equal a contiguous run of `name`'s segments (see module doc).
+
+    `keywords` is an iterable of dotted names (a bare string is a TypeError: it would be read as one
+    keyword per character).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (a dotted module path), got {type(name).__name__} {name!r:.80}")
+    if isinstance(keywords, (str, bytes)) or not isinstance(keywords, Iterable):
+        hint = f"; did you mean [{keywords!r}]?" if isinstance(keywords, str) else ""
+        raise TypeError(
+            f"keywords must be a list/tuple/set of dotted module names, got {type(keywords).__name__} "
+            f"{keywords!r:.80}{hint}"
+        )
     segments = name.split(".") if name else []
     for keyword in keywords:
+        if not isinstance(keyword, str) or not keyword or "" in keyword.split("."):
+            raise ValueError(f"keywords must be non-empty dotted module names like 'norm', got {keyword!r}")
         kw = keyword.split(".")
         n = len(kw)
         if any(segments[i : i + n] == kw for i in range(len(segments) - n + 1)):
@@ -84,6 +127,7 @@ def name_matches(name: str, keywords: Iterable[str]) -> bool:
 
 def has_dtensor_params(model: nn.Module) -> bool:
     """True when any parameter is a DTensor (FSDP2- or TP-sharded)."""
+    check_model(model)
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -99,19 +143,26 @@ def _named_tensors(model: nn.Module, kind: str) -> Iterator[tuple[str, torch.Ten
         yield from model.named_buffers(remove_duplicate=False)
 
 
-def fp32_tensor_names(model: nn.Module, *, sharded: bool | None = None) -> tuple[list[str], list[str]]:
-    """Names of the (parameters, buffers) that `cast_model_to_dtype` keeps in fp32.
+def fp32_tensor_names(
+    model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, sharded: bool | None = None
+) -> tuple[list[str], list[str]]:
+    """Names of the (parameters, buffers) that `cast_model_to_dtype(model, dtype)` keeps in fp32.
 
-    Unsharded: every floating tensor matching any keyword. Sharded (DTensor parameters, or
-    `sharded=True`): parameters only for strict keywords (they must be their own fp32 FSDP unit), buffers
-    for every keyword (buffers are plain tensors that FSDP2 does not manage).
+    Only the keywords that apply to `dtype` count (see module doc). Unsharded: every floating tensor
+    matching one of them. Sharded (DTensor parameters, or `sharded=True`): parameters only for strict
+    keywords (they must be their own fp32 FSDP unit), buffers for every applicable keyword (buffers are
+    plain tensors that FSDP2 does not manage).
     """
-    all_kw = get_fp32_module_keywords(model)
+    check_model(model)
+    check_dtype(dtype, "dtype")
+    if sharded is not None:
+        check_bool(sharded, "sharded")
+    all_kw = get_fp32_module_keywords(model, dtype=dtype)
     if not all_kw:
         return [], []
     if sharded is None:
         sharded = has_dtensor_params(model)
-    param_kw = get_strict_fp32_module_keywords(model) if sharded else all_kw
+    param_kw = get_strict_fp32_module_keywords(model, dtype=dtype) if sharded else all_kw
     params = [
         n for n, p in _named_tensors(model, "param") if p.is_floating_point() and name_matches(n, param_kw)
     ]
@@ -121,20 +172,13 @@ def fp32_tensor_names(model: nn.Module, *, sharded: bool | None = None) -> tuple
     return params, buffers
 
 
-def get_fp32_parameter_names(model: nn.Module) -> list[str]:
-    """Parameter names that stay fp32 after `cast_model_to_dtype(model, torch.bfloat16)`; pure (no cast).
+def get_fp32_parameter_names(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Parameter names that stay fp32 after `cast_model_to_dtype(model, dtype)`; pure (no cast).
 
     For `am doctor`: the list depends on the model's current state (sharded or not), exactly as the cast
     would decide it. Tensors in `skip_modules` are not included (they keep whatever dtype they have).
     """
-    return fp32_tensor_names(model)[0]
+    return fp32_tensor_names(model, dtype=dtype)[0]
 
 
-__all__ = [
-    "fp32_tensor_names",
-    "get_fp32_module_keywords",
-    "get_fp32_parameter_names",
-    "get_strict_fp32_module_keywords",
-    "has_dtensor_params",
-    "name_matches",
-]
+__all__ = ["get_fp32_module_keywords", "get_fp32_parameter_names"]

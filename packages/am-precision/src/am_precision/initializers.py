@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._args import check_bool, check_device, check_dtype, check_eps, check_positive_int
 from .config import LINEAR_CHOICES, RMS_NORM_CHOICES
 from .norms import Float32RMSNorm
 from .te_lazy import load_te, patch_te_modules
@@ -30,19 +31,24 @@ def initialize_linear_module(
     Built on `device` (None: torch's default for "torch", TE's default for "te"); on the meta device, call
     `reset_parameters()` after materialising.
     """
+    if linear_impl not in LINEAR_CHOICES:
+        raise ValueError(f"unsupported linear_impl={linear_impl!r}; expected one of {list(LINEAR_CHOICES)}")
+    check_positive_int(in_features, "in_features")
+    check_positive_int(out_features, "out_features")
+    check_bool(bias, "bias")
+    check_device(device)
+    check_dtype(dtype, "dtype")
     if linear_impl == "torch":
         return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    if linear_impl == "te":
-        te = load_te()
-        patch_te_modules()
-        return te.Linear(
-            in_features=in_features,
-            out_features=out_features,
-            bias=bias,
-            params_dtype=dtype,
-            **_device_kw(device),
-        )
-    raise ValueError(f"unsupported linear_impl={linear_impl!r}; expected one of {list(LINEAR_CHOICES)}")
+    te = load_te()  # "te"
+    patch_te_modules()
+    return te.Linear(
+        in_features=in_features,
+        out_features=out_features,
+        bias=bias,
+        params_dtype=dtype,
+        **_device_kw(device),
+    )
 
 
 def initialize_rms_norm_module(
@@ -54,15 +60,21 @@ def initialize_rms_norm_module(
 ) -> nn.Module:
     """RMSNorm for a backend: "torch" (`nn.RMSNorm`, computes in the input dtype), "torch_fp32"
     (`Float32RMSNorm`, compiled fp32 math) or "te" (`transformer_engine.pytorch.RMSNorm`)."""
+    if rms_norm_impl not in RMS_NORM_CHOICES:
+        raise ValueError(
+            f"unsupported rms_norm_impl={rms_norm_impl!r}; expected one of {list(RMS_NORM_CHOICES)}"
+        )
+    check_positive_int(dim, "dim")
+    eps = check_eps(eps)
+    check_device(device)
+    check_dtype(dtype, "dtype")
     if rms_norm_impl == "torch":
         return nn.RMSNorm(dim, eps=eps, device=device, dtype=dtype)
     if rms_norm_impl == "torch_fp32":
         return Float32RMSNorm(dim, eps=eps, device=device, dtype=dtype)
-    if rms_norm_impl == "te":
-        te = load_te()
-        patch_te_modules()
-        return te.RMSNorm(normalized_shape=dim, eps=eps, params_dtype=dtype, **_device_kw(device))
-    raise ValueError(f"unsupported rms_norm_impl={rms_norm_impl!r}; expected one of {list(RMS_NORM_CHOICES)}")
+    te = load_te()  # "te"
+    patch_te_modules()
+    return te.RMSNorm(normalized_shape=dim, eps=eps, params_dtype=dtype, **_device_kw(device))
 
 
 __all__ = ["initialize_linear_module", "initialize_rms_norm_module"]

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._args import check_bool, check_tensor
+
 
 def compute_lm_head_logits(
     lm_head: nn.Module | None,
@@ -28,6 +30,22 @@ def compute_lm_head_logits(
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    if lm_head is not None and not callable(lm_head):
+        raise TypeError(f"lm_head must be None or a module (callable), got {type(lm_head).__name__}")
+    check_tensor(hidden_states, "hidden_states")
+    for name, flag in (
+        ("is_thd", is_thd),
+        ("fp32_lm_head", fp32_lm_head),
+        ("output_hidden_states", output_hidden_states),
+    ):
+        check_bool(flag, name)
+    if isinstance(logits_to_keep, torch.Tensor) and (
+        logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.is_complex()
+    ):
+        raise TypeError(
+            f"logits_to_keep as a tensor must be 1D integer position indices, got dtype {logits_to_keep.dtype} "
+            f"and shape {tuple(logits_to_keep.shape)}"
+        )
     if hidden_states.dim() not in (2, 3):
         raise ValueError(f"hidden_states must be [T, H] or [B, S, H], got shape {tuple(hidden_states.shape)}")
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, torch.Tensor)):

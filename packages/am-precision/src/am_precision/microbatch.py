@@ -14,7 +14,7 @@ _is_optim_step: bool = False
 def set_is_first_microbatch(value: bool | None) -> None:
     """True on the first microbatch (TE quantizes and caches FP8 weights), False after it, None to disable."""
     if value is not None and not isinstance(value, bool):
-        raise TypeError(f"set_is_first_microbatch expects True, False or None, got {value!r}")
+        raise TypeError(f"set_is_first_microbatch(value): value must be True, False or None, got {value!r}")
     global _is_first_microbatch
     _is_first_microbatch = value
 
@@ -27,7 +27,7 @@ def get_is_first_microbatch() -> bool | None:
 def set_is_optim_step(value: bool) -> None:
     """Mark whether the current step runs the optimizer."""
     if not isinstance(value, bool):
-        raise TypeError(f"set_is_optim_step expects a bool, got {value!r}")
+        raise TypeError(f"set_is_optim_step(value): value must be True or False, got {value!r}")
     global _is_optim_step
     _is_optim_step = value
 

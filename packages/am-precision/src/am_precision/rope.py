@@ -12,10 +12,14 @@ def get_rope_config(config: Any, *, layer_type: str | None = None) -> tuple[floa
     Models with per-layer-type rotary settings (Gemma3: `{"full_attention": {...}, "sliding_attention":
     {...}}`) need `layer_type` to pick one; without it they raise ValueError listing the layer types.
     """
+    if layer_type is not None and not isinstance(layer_type, str):
+        raise TypeError(
+            f"layer_type must be None or a str, got {type(layer_type).__name__} {layer_type!r:.80}"
+        )
     rope_parameters = getattr(config, "rope_parameters", None)
     if not isinstance(rope_parameters, dict):
         raise ValueError(
-            f"{type(config).__name__} has no rope_parameters dict (found {rope_parameters!r}); "
+            f"config ({type(config).__name__}) has no rope_parameters dict (found {rope_parameters!r:.80}); "
             "expected a transformers 5.x config with rope_parameters={'rope_theta': ..., ...}"
         )
     nested = {k: v for k, v in rope_parameters.items() if isinstance(v, dict)}
@@ -33,7 +37,7 @@ def get_rope_config(config: Any, *, layer_type: str | None = None) -> tuple[floa
         )
     if "rope_theta" not in rope_parameters:
         raise ValueError(
-            f"rope_parameters of {type(config).__name__} has no 'rope_theta': {rope_parameters!r}"
+            f"config.rope_parameters of {type(config).__name__} has no 'rope_theta': {rope_parameters!r}"
         )
     factor = rope_parameters.get("partial_rotary_factor")
     if factor is None:

@@ -8,7 +8,9 @@ Two changes, applied to the TE classes when a TE-backed module is first built (n
    gradient-accumulation step without every caller threading the argument through.
 
 Each change is a `Patch` of `<TE class>.forward` with a contract check (TE's signature must still accept
-`is_first_microbatch`), marked `am_precision.te_*`; the handle reverts them all.
+`is_first_microbatch`; a drift is a RuntimeError naming the function and the installed transformer-engine),
+marked `am_precision.te_*`. The set is applied two-phase (every contract, then every set) and its one
+process-wide handle is a `GlobalPatch`; the handle reverts them all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 from . import availability
-from ._patch import Patch, PatchSet, mark
+from ._contract import contract_error
+from ._patch import GlobalPatch, Patch, PatchSet, mark
 from .microbatch import get_is_first_microbatch
 
 
@@ -30,6 +33,8 @@ def is_tensor_unallocated(tensor: torch.Tensor) -> bool:
 
     TE kernels cannot take these; the TE patches short-circuit them.
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_meta:
         return True
     from torch._subclasses.fake_tensor import FakeTensor
@@ -50,41 +55,31 @@ def load_te() -> Any:
     return importlib.import_module("transformer_engine.pytorch")
 
 
-def _te_version(te: Any) -> str:
-    root = importlib.import_module(te.__name__.split(".")[0]) if hasattr(te, "__name__") else None
-    return str(getattr(root, "__version__", "unknown"))
+_TE = "transformer_engine"
 
 
-def _require_first_microbatch_arg(te: Any, cls: type) -> Callable[[Any], None]:
+def _require_first_microbatch_arg(cls: type) -> Callable[[Any], None]:
     def check(forward: Any) -> None:
         what = f"{cls.__module__}.{cls.__qualname__}.forward"
-        problem = None
         if not callable(forward):
-            problem = f"expected a callable, found {forward!r}"
-        else:
-            try:
-                params = inspect.signature(forward).parameters
-            except (TypeError, ValueError) as exc:
-                problem = f"its signature cannot be read ({exc})"
-            else:
-                if "is_first_microbatch" not in params:
-                    problem = f"its signature {tuple(params)} no longer takes is_first_microbatch"
-        if problem:
-            raise RuntimeError(
-                f"{what}: {problem} (installed transformer-engine {_te_version(te)}); the am-precision TE "
-                "patch was not applied"
+            raise contract_error(what, f"expected a callable, found {forward!r}", library=_TE)
+        try:
+            params = inspect.signature(forward).parameters
+        except (TypeError, ValueError) as exc:
+            raise contract_error(what, f"its signature cannot be read ({exc})", library=_TE) from exc
+        if "is_first_microbatch" not in params:
+            raise contract_error(
+                what, f"its signature {tuple(params)} no longer takes is_first_microbatch", library=_TE
             )
 
     return check
 
 
-def _require_callable(te: Any, cls: type) -> Callable[[Any], None]:
+def _require_callable(cls: type) -> Callable[[Any], None]:
     def check(forward: Any) -> None:
         if not callable(forward):
-            raise RuntimeError(
-                f"{cls.__module__}.{cls.__qualname__}.forward: expected a callable, found {forward!r} "
-                f"(installed transformer-engine {_te_version(te)}); the am-precision TE patch was not applied"
-            )
+            what = f"{cls.__module__}.{cls.__qualname__}.forward"
+            raise contract_error(what, f"expected a callable, found {forward!r}", library=_TE)
 
     return check
 
@@ -124,54 +119,49 @@ def _rms_norm_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     return mark(forward, "am_precision.te_rms_norm_forward", wrapped=original)
 
 
+def _te_patches(te: Any) -> PatchSet:
+    """The PatchSet of TE's Linear / GroupedLinear / RMSNorm forwards (applied by the caller)."""
+    patches = PatchSet(name="am_precision.te_modules")
+    for attr, factory, contract in (
+        ("Linear", _linear_forward, _require_first_microbatch_arg),
+        ("GroupedLinear", _grouped_linear_forward, _require_first_microbatch_arg),
+        ("RMSNorm", _rms_norm_forward, _require_callable),
+    ):
+        cls = getattr(te, attr, None)
+        if cls is None:
+            if attr == "GroupedLinear":  # absent from very old TE; nothing to patch then
+                continue
+            raise contract_error(f"transformer_engine.pytorch.{attr}", "not found", library=_TE)
+        original = cls.forward  # may be inherited: the Patch captures vars(cls) for revert
+        patches.add(Patch(cls, "forward", factory(original), contract=contract(cls)))
+    return patches
+
+
 class LazyTEPatcher:
     """Callable that applies the TE patches on its first call and returns the handle; later calls are no-ops.
 
-    `loader` returns the `transformer_engine.pytorch` module (default: import it). `revert()` (or
-    `unpatch()`) restores TE's original forwards; a later call patches again.
+    `loader` returns the `transformer_engine.pytorch` module (default: import it), called on the first
+    call only. `revert()` (or reverting the returned handle) restores TE's original forwards; a later call
+    patches again. Also a context manager. The one-handle bookkeeping is the shared `GlobalPatch`.
     """
 
     def __init__(self, loader: Callable[[], Any] | None = None) -> None:
-        self._loader = loader or load_te
-        self._handle: PatchSet | None = None
+        if loader is not None and not callable(loader):
+            raise TypeError(
+                f"loader must be None or a callable returning transformer_engine.pytorch, got {loader!r}"
+            )
+        load = loader or load_te
+        self._global = GlobalPatch(lambda: _te_patches(load()))
 
     @property
     def applied(self) -> bool:
-        return self._handle is not None and self._handle.applied
-
-    def _build(self, te: Any) -> PatchSet:
-        patches = PatchSet(name="am_precision.te_modules")
-        for attr, factory, contract in (
-            ("Linear", _linear_forward, _require_first_microbatch_arg),
-            ("GroupedLinear", _grouped_linear_forward, _require_first_microbatch_arg),
-            ("RMSNorm", _rms_norm_forward, _require_callable),
-        ):
-            cls = getattr(te, attr, None)
-            if cls is None:
-                if attr == "GroupedLinear":  # absent from very old TE; nothing to patch then
-                    continue
-                raise RuntimeError(
-                    f"transformer_engine.pytorch.{attr} not found (installed transformer-engine "
-                    f"{_te_version(te)}); the am-precision TE patch was not applied"
-                )
-            original = cls.forward  # may be inherited: the Patch captures vars(cls) for revert
-            patches.add(Patch(cls, "forward", factory(original), contract=contract(te, cls)))
-        return patches
+        return self._global.active is not None
 
     def __call__(self) -> PatchSet:
-        if self._handle is not None and self._handle.applied:
-            return self._handle
-        handle = self._build(self._loader())
-        handle.apply()
-        self._handle = handle
-        return handle
+        return self._global.apply()
 
     def revert(self) -> None:
-        if self._handle is not None:
-            self._handle.revert()
-            self._handle = None
-
-    unpatch = revert
+        self._global.revert()
 
     def __enter__(self) -> PatchSet:
         return self()
@@ -198,11 +188,4 @@ def unpatch_te_modules() -> None:
     _default_patcher.revert()
 
 
-__all__ = [
-    "LazyTEPatcher",
-    "is_tensor_unallocated",
-    "load_te",
-    "make_lazy_te_patcher",
-    "patch_te_modules",
-    "unpatch_te_modules",
-]
+__all__ = ["is_tensor_unallocated", "make_lazy_te_patcher", "patch_te_modules", "unpatch_te_modules"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from am_packing import configure_packing, pack_sequences, register_varlen_attention, unconfigure_packing
+from am_packing import configure_packing, pack_sequences, register_varlen_attention
 
 from ..report import FAIL, PASS, SKIP, Section
 from ._models import real_model, text_vocab
@@ -56,8 +56,7 @@ def packed_backend(model: torch.nn.Module, backend: str) -> Iterator[torch.nn.Mo
             if backend == "torch_varlen":
                 stack.enter_context(register_varlen_attention())
             model.set_attn_implementation(backend)
-        stack.enter_context(configure_packing(backend))
-        stack.callback(unconfigure_packing)
+        stack.enter_context(configure_packing(backend))  # the handle's exit is the one undo
         yield model
 
 

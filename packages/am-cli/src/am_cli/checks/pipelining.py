@@ -6,7 +6,7 @@ from typing import Any
 
 from am_pipelining import get_pipeline_problems, get_stage_plan
 
-from ..report import FAIL, PASS, Section
+from ..report import PASS, REFUSED, Section
 from ._models import meta_model
 
 
@@ -17,7 +17,7 @@ def _summarise(names: list[str]) -> str:
     if layers:
         first, last = layers[0].rsplit(".", 1)[1], layers[-1].rsplit(".", 1)[1]
         span = f"layers {first}-{last}" if first != last else f"layer {first}"
-    return ", ".join([*(["".join(span)] if span else []), *others])
+    return ", ".join([span, *others] if span else others)
 
 
 def check_pipeline(config: Any, stages: int) -> Section:
@@ -26,9 +26,9 @@ def check_pipeline(config: Any, stages: int) -> Section:
     )
     model = meta_model(config)
     problems = get_pipeline_problems(model, num_stages=stages)
-    if problems:
+    if problems:  # am-pipelining refuses this model, with the reasons: the right answer, not a failure
         for problem in problems:
-            section.add(FAIL, stage="problem", owns=problem)
+            section.add(REFUSED, stage="refused", owns=problem)
         return section
     for index, names in enumerate(get_stage_plan(model, stages)):
         section.add(PASS, stage=str(index), owns=_summarise(names))

@@ -1,0 +1,158 @@
+"""Which attention modules of a model can take the kernel, and why not; pure (nothing is changed).
+
+A module is decided by its layout (`te_params.check_attention_module`, read off the module) and by its
+forward's behaviour (`te_probe.check_dispatch`, one probe per attention class and window, cached). A broken
+private contract (a forward that drops ``**kwargs`` or ``sliding_window``, a ``repeat_kv`` with another
+layout) is not a reason to skip: it is kept as the error that `inject_te_attention` raises in its first phase.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from ._contract import contract_error, require_parameters, require_result
+from .te_dispatch import KERNEL_ATTR, PARAMS_ATTR
+from .te_params import AttnParams, check_attention_module
+from .te_probe import check_dispatch
+
+__all__ = ["plan_te_attention"]
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "_am_te_state"  # the injection's record on each module it changed (see te_inject)
+
+
+class Decision(NamedTuple):
+    params: AttnParams | None  # None: the layout does not fit
+    reason: str  # why not taken ("" when taken), or the layout's reason
+    error: RuntimeError | None = None  # a broken contract: injecting raises it before any change
+
+
+def default_dot_product_attention_cls() -> Callable[..., torch.nn.Module]:
+    """transformer_engine.pytorch.DotProductAttention when transformer-engine is installed, else the reference."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        import transformer_engine.pytorch as te  # the [te] extra; import errors propagate
+
+        return te.DotProductAttention
+    from .reference import ReferenceDotProductAttention
+
+    logger.info("transformer-engine is not installed; using the SDPA reference DotProductAttention")
+    return ReferenceDotProductAttention
+
+
+def is_candidate(module: torch.nn.Module) -> bool:
+    if any(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj")):
+        return True
+    return type(module).__name__.endswith("Attention") and any(True for _ in module.children())
+
+
+def is_injected(module: torch.nn.Module) -> bool:
+    """The module runs the kernel of one of our injections (its own, or a copy's)."""
+    return STATE_ATTR in vars(module) and isinstance(vars(module).get(PARAMS_ATTR), AttnParams)
+
+
+def has_foreign_kernel(module: torch.nn.Module) -> bool:
+    return not is_injected(module) and (KERNEL_ATTR in vars(module) or KERNEL_ATTR in module._modules)
+
+
+def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
+    """te_attention_forward undoes an expanded K/V with ``key[:, ::n_rep]``: kv head i repeated contiguously."""
+    sig = require_parameters(repeat_kv, (), what)
+    params = list(sig.parameters.values())
+    if [p.name for p in params[:2]] != ["hidden_states", "n_rep"] or any(
+        p.default is inspect.Parameter.empty for p in params[2:]
+    ):
+        raise contract_error(what, f"expected the signature (hidden_states, n_rep), found {sig}")
+    kv = torch.arange(2.0).view(1, 2, 1, 1)
+    out = repeat_kv(kv, 3)
+    # flattened so the error reads as one line
+    heads = out.flatten().tolist() if isinstance(out, torch.Tensor) else out
+    require_result(
+        what,
+        heads,
+        lambda h: (
+            isinstance(out, torch.Tensor)
+            and tuple(out.shape) == (1, 6, 1, 1)
+            and h == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+            and torch.equal(out[:, ::3], kv)
+        ),
+        "kv heads repeated contiguously: [0, 0, 0, 1, 1, 1] of shape (1, 6, 1, 1) for heads [0, 1], n_rep=3",
+    )
+
+
+# Verdicts per (class, its forward, its modeling module's repeat_kv, window, config class): one probe per class.
+_VERDICTS: dict[tuple[Any, ...], tuple[str, RuntimeError | None]] = {}
+
+
+def _verdict(module: torch.nn.Module, params: AttnParams) -> tuple[str, RuntimeError | None]:
+    """("", None) when the forward hands the kernel what it needs, (why not, None) when it keeps SDPA, or
+    ("", error) when a private contract it relies on broke."""
+    cls = type(module)
+    source = sys.modules.get(cls.__module__)
+    repeat_kv = vars(source).get("repeat_kv") if source is not None else None
+    key = (
+        cls,
+        getattr(cls, "forward", None),
+        repeat_kv,
+        params.window_size,
+        type(getattr(module, "config", None)),
+    )
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        try:
+            skip = check_dispatch(module, params)
+            if not skip and repeat_kv is not None:
+                _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
+            verdict = (skip, None)
+        except RuntimeError as exc:
+            verdict = ("", exc)
+        _VERDICTS[key] = verdict
+    return verdict
+
+
+def decide(module: torch.nn.Module) -> Decision:
+    """Layout first (pure), then the forward's behaviour (probed once per class)."""
+    params, reason = check_attention_module(module)
+    if params is None:
+        return Decision(None, reason)
+    skip, error = _verdict(module, params)
+    return Decision(params, skip, error)
+
+
+def _taken_reason(module: torch.nn.Module, params: AttnParams) -> str:
+    if params.window_size[0] >= 0:
+        return f"causal, sliding window {params.window_size[0] + 1}"
+    return "causal" if getattr(module, "is_causal", True) else "no_mask"
+
+
+def plan_te_attention(model: torch.nn.Module) -> list[tuple[str, bool, str]]:
+    """For each attention-like module: `(name, taken, reason)`; pure (the model is not changed)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {model!r}")
+    plan: list[tuple[str, bool, str]] = []
+    for name, module in model.named_modules():
+        if not is_candidate(module):
+            continue
+        if is_injected(module):
+            plan.append((name, True, "injected"))
+            continue
+        if has_foreign_kernel(module):
+            plan.append((name, False, f"already has {KERNEL_ATTR}"))
+            continue
+        decision = decide(module)
+        if decision.params is None:
+            plan.append((name, False, decision.reason))
+        elif decision.error is not None:  # inject_te_attention raises this before changing anything
+            plan.append((name, False, f"refused: {decision.error}"))
+        elif decision.reason:
+            plan.append((name, False, decision.reason))
+        else:
+            plan.append((name, True, _taken_reason(module, decision.params)))
+    return plan
