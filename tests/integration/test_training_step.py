@@ -1,6 +1,6 @@
 """The whole stack on every built-in tiny architecture, one training step against a per-document reference.
 
-Stack (in this order): am_precision cast (fp32, so the comparison is strict) → am_kernels Liger patch
+The order and its reasons are written once, in the root README ("Composing the packages"). Stack: am_precision cast (fp32, so the comparison is strict) → am_kernels Liger patch
 (CPU: patched, reported and reverted, because Liger's Triton kernels only execute on CUDA; CUDA: kept on
 every stage) → am_pipelining split into 2 stages, chained in one process → am_attention TE injection with
 the SDPA reference DotProductAttention → am_packing configured for "te" (the indexed mask passes through
