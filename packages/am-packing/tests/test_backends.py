@@ -8,12 +8,10 @@ cross-document leak (or window error) shows up at >= 1e-2.
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from am_packing import (
     backends,
@@ -23,109 +21,56 @@ from am_packing import (
 )
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
-LENGTHS = (12, 5, 20, 9, 1, 17)  # several > the window (8); one single-token document
-ATOL = 1e-5
 
 
-def _docs(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 128, (n,), generator=g).tolist() for n in LENGTHS]
+def _packed_inputs(batch):
+    return dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False)
 
 
-def _reference(model, docs):
-    """Per-document logits and summed next-token loss, each document alone."""
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("eager")
-    logits, loss = [], 0.0
-    for doc in docs:
-        ids = torch.tensor([doc])
-        out = ref(input_ids=ids, use_cache=False).logits[0]
-        logits.append(out)
-        if len(doc) > 1:
-            loss = loss + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
-    return logits, grads
-
-
-def _packed(model, docs, *, with_grad: bool = True):
+def _packed(exact, model, docs):
+    """A packed batch of `docs` through `model`: (batch, logits, summed-loss gradients)."""
     batch = pack_sequences(docs, 32)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).logits
-    grads = None
-    if with_grad:
-        # HF-style shift: logit t is scored against label t+1; the collator's -100s stop boundary crossings
-        loss = F.cross_entropy(out[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return batch, out, grads
+    return (batch, *exact.packed(model, batch, **_packed_inputs(batch)))
 
 
-def _compare(docs, batch, packed_logits, ref_logits):
-    # map documents back to their rows: pack_sequences keeps input order inside a row
-    mask = batch["attention_mask"]
-    seen = 0
-    worst = 0.0
-    for r in range(mask.shape[0]):
-        for d in range(1, int(mask[r].max()) + 1):
-            sel = (mask[r] == d).nonzero().flatten()
-            ids = batch["input_ids"][r, sel].tolist()
-            k = next(i for i, doc in enumerate(docs) if doc == ids)
-            worst = max(worst, (packed_logits[r, sel] - ref_logits[k]).abs().max().item())
-            seen += 1
-    assert seen == len(docs)
-    return worst
-
-
-def _check_grads(ref_grads, grads):
-    assert ref_grads.keys() == grads.keys()
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, atol=ATOL, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+def _packed_logits(model, docs):
+    batch = pack_sequences(docs, 32)
+    return batch, model(input_ids=batch["input_ids"], **_packed_inputs(batch)).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_equals_per_document(make_model, arch, impl):
+def test_packed_equals_per_document(make_model, exact, arch, impl):
     model = make_model(arch, impl)
-    docs = _docs()
-    ref_logits, ref_grads = _reference(model, docs)
+    docs = exact.documents()
+    ref_logits, ref_grads = exact.per_document(model, docs)
     with configure_packing(impl):
-        batch, logits, grads = _packed(model, docs)
-    assert _compare(docs, batch, logits.detach(), ref_logits) < ATOL
-    _check_grads(ref_grads, grads)
+        batch, logits, grads = _packed(exact, model, docs)
+    assert exact.worst(docs, batch, logits, ref_logits) < exact.ATOL
+    exact.grads_close(ref_grads, grads)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_unpatched_packed_mask_leaks_across_documents(make_model, arch):
+def test_unpatched_packed_mask_leaks_across_documents(make_model, exact, arch):
     """The control: without configure_packing the same batch mixes documents, so the test above can fail."""
     model = make_model(arch, "sdpa")
-    docs = _docs()
+    docs = exact.documents()
     with torch.no_grad():
         ref_logits = [model(input_ids=torch.tensor([d]), use_cache=False).logits[0] for d in docs]
-        batch, logits, _ = _packed(model, docs, with_grad=False)
-    assert _compare(docs, batch, logits, ref_logits) > 1e-3
+        batch, logits = _packed_logits(model, docs)
+    assert exact.worst(docs, batch, logits, ref_logits) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_flex_attention_forward(make_model, eager_flex, arch):
+def test_flex_attention_forward(make_model, exact, eager_flex, arch):
     """flex_attention logits; torch has no CPU backward for FlexAttention (gradients: tests/gpu)."""
     model = make_model(arch, "flex_attention")
-    docs = _docs()
+    docs = exact.documents()
     with torch.no_grad():
-        ref_logits, _ = _reference_no_grad(model, docs)
+        ref_logits, _ = exact.per_document(model, docs, with_grad=False)
         with configure_packing("flex_attention"):
-            batch, logits, _ = _packed(model, docs, with_grad=False)
-    assert _compare(docs, batch, logits, ref_logits) < ATOL
-
-
-def _reference_no_grad(model, docs):
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("eager")
-    return [ref(input_ids=torch.tensor([d]), use_cache=False).logits[0] for d in docs], None
+            batch, logits = _packed_logits(model, docs)
+    assert exact.worst(docs, batch, logits, ref_logits) < exact.ATOL
 
 
 def _has_cpu_varlen_kernel() -> bool:
@@ -148,15 +93,15 @@ def _has_cpu_varlen_kernel() -> bool:
     "the real kernel is tested in tests/gpu/test_packing.py",
 )
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_torch_varlen_real_kernel(make_model, arch):
+def test_torch_varlen_real_kernel(make_model, exact, arch):
     model = make_model(arch, "eager")
-    docs = _docs()
-    ref_logits, ref_grads = _reference(model, docs)
+    docs = exact.documents()
+    ref_logits, ref_grads = exact.per_document(model, docs)
     with register_varlen_attention(), configure_packing("torch_varlen"):
         model.set_attn_implementation("torch_varlen")
-        batch, logits, grads = _packed(model, docs)
-    assert _compare(docs, batch, logits.detach(), ref_logits) < ATOL
-    _check_grads(ref_grads, grads)
+        batch, logits, grads = _packed(exact, model, docs)
+    assert exact.worst(docs, batch, logits, ref_logits) < exact.ATOL
+    exact.grads_close(ref_grads, grads)
 
 
 def reference_varlen_kernel(query, key, value, cu_seqlens, max_seqlen, *, scale, window_left, causal):
@@ -182,36 +127,27 @@ def reference_varlen_kernel(query, key, value, cu_seqlens, max_seqlen, *, scale,
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 @pytest.mark.parametrize("source", ["mask", "cu_seqlens"])
-def test_torch_varlen_plumbing_with_reference_kernel(make_model, monkeypatch, arch, source):
+def test_torch_varlen_plumbing_with_reference_kernel(make_model, exact, monkeypatch, arch, source):
     """Gather/scatter, GQA, scale, window and cu_seqlens of the varlen backend, with a reference kernel on CPU."""
     monkeypatch.setattr(backends, "varlen_kernel", reference_varlen_kernel)
     model = make_model(arch, "eager")
-    docs = _docs()
-    ref_logits, ref_grads = _reference(model, docs)
+    docs = exact.documents()
+    ref_logits, ref_grads = exact.per_document(model, docs)
     with register_varlen_attention(), configure_packing("torch_varlen"):
         model.set_attn_implementation("torch_varlen")
         batch = pack_sequences(docs, 32, return_cu_seqlens=True)
         extra = {}
         if source == "cu_seqlens":
             extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            **extra,
-        ).logits
-        loss = F.cross_entropy(out[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out, grads = exact.packed(model, batch, **_packed_inputs(batch), **extra)
         model.set_attn_implementation("eager")
-    assert _compare(docs, batch, out.detach(), ref_logits) < ATOL
-    _check_grads(ref_grads, grads)
+    assert exact.worst(docs, batch, out, ref_logits) < exact.ATOL
+    exact.grads_close(ref_grads, grads)
 
 
-def test_packed_mask_rejected_by_unsupported_backend(make_model):
+def test_packed_mask_rejected_by_unsupported_backend(make_model, exact):
     model = make_model("llama", "sdpa")
-    batch = pack_sequences(_docs(), 32)
+    batch = pack_sequences(exact.documents(), 32)
     with configure_packing("sdpa"):
         model.config._attn_implementation = "paged|sdpa"
         try:
