@@ -52,10 +52,9 @@ def _trainer_class():
     return RecordingTrainer
 
 
-def train(model, collator, tmp_path, **extra):
-    from transformers import TrainingArguments
-
-    args = TrainingArguments(
+def _common_args(tmp_path) -> dict:
+    """Training arguments both trainers share: 8 constant-LR steps on CPU, nothing saved or reported."""
+    return dict(
         output_dir=str(tmp_path),
         max_steps=STEPS,
         per_device_train_batch_size=BATCH,
@@ -68,6 +67,14 @@ def train(model, collator, tmp_path, **extra):
         disable_tqdm=True,
         logging_strategy="no",
         dataloader_num_workers=0,
+    )
+
+
+def train(model, collator, tmp_path, **extra):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        **_common_args(tmp_path),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
     )
@@ -137,18 +144,7 @@ def sft_train(model, tmp_path, collator=None):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        logging_strategy="no",
-        dataloader_num_workers=0,
+        **_common_args(tmp_path),
         packing=False,  # TRL refuses custom collators with its own packing; ours packs per batch
         max_length=None,
         bf16=False,  # SFTConfig defaults to bf16 autocast (also on CPU); the comparison is fp32
