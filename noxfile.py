@@ -18,6 +18,7 @@ Run everything with `uv run nox`; one session with `uv run nox -s "tests-am-kern
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -70,11 +71,12 @@ def _index_url() -> str:
     return "https://pypi.org/simple"
 
 
+@functools.cache
 def published_minors() -> dict[str, str]:
     """Latest final, non-yanked patch of every transformers 5.x minor from 5.3, read from the index now.
 
     Uses the index's JSON simple API (PEP 691/700), so a release published today is in the list
-    without an edit here.
+    without an edit here. Read once per nox run (the `previous` factor and `minors` share it).
     """
     request = urllib.request.Request(
         f"{_index_url()}/transformers/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
