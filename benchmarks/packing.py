@@ -1,21 +1,95 @@
-"""am-packing GPU benchmark: packed (torch_varlen, flex) vs padded SDPA training throughput, cu_seqlens
-prep vs the seed's per-document loop, varlen attention TFLOP/s, and host syncs in the attention path.
+"""am-packing GPU benchmark: our packed stacks vs what a user would pick instead, side by side in one run.
 
-    python -m benchmarks.packing [--smoke] [--out FILE]
+    python -m benchmarks.packing [--smoke] [--shapes 1b_4k,long_16k] [--paths a,b] [--out FILE]
 
---smoke runs a tiny CPU-capable version that only proves the script executes: its numbers mean nothing.
+Baselines: transformers' own padding-free packing (position_ids only, no mask: what
+DataCollatorWithFlattening / TRL padding_free give) on flex_attention and sdpa, with and without Liger
+(am-kernels), and length-grouped padded SDPA over the same documents. Ours: the indexed mask on torch
+varlen, TE THD (am-attention injection) and flex, with Liger and `torch.compile` per decoder layer.
+
+Every path trains (forward + backward, no optimizer step: it costs every path the same) a freshly built
+model from the same seed on the same fixed-shape batches: `rows x row_length` tokens per step, full groups
+only, so no partial last batch triggers a recompile. Reported per path: the first steps (warm-up,
+compile) apart from the steady state (median step time over distinct batches), tokens/s on real tokens,
+MFU against the bf16 matmul peak measured in the same run, dynamo graph breaks and recompiles during the
+steady state, and for the fastest of ours and the strongest baseline a profile (top CUDA kernels).
+
+--smoke runs tiny sizes on any device and only proves the script executes: its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
+import statistics
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    row_length: int
+    rows: int
+    doc_min: int
+    doc_max: int
+    steps: int
+
+
+SHAPES = {
+    "1b_4k": Shape(2048, 16, 16, 5632, 32000, 4096, 4, 128, 4096, steps=8),
+    "long_16k": Shape(2048, 8, 16, 5632, 32000, 16384, 1, 1024, 16384, steps=8),
+}
+SMOKE = Shape(64, 2, 4, 128, 256, 64, 2, 8, 64, steps=2)
+
+
+@dataclass(frozen=True)
+class Path_:
+    """One way to train on the packed documents."""
+
+    name: str
+    attn: str  # the attention backend
+    feed: str  # "native": position_ids only; "indexed": our indexed mask + position_ids; "padded"
+    liger: bool = False
+    compile: bool = False
+    baseline: bool = False
+
+    def describe(self) -> str:
+        feed = {
+            "native": "HF-native packing (position_ids, no mask)",
+            "indexed": "am-packing indexed mask",
+            "padded": "length-grouped padding",
+        }[self.feed]
+        extras = [x for x, on in (("Liger", self.liger), ("torch.compile per layer", self.compile)) if on]
+        return f"{feed}, {self.attn}" + "".join(f" + {x}" for x in extras)
+
+
+PATHS = (
+    Path_("native_flex", "flex_attention", "native", baseline=True),
+    Path_("native_flex_liger", "flex_attention", "native", liger=True, baseline=True),
+    Path_("native_sdpa", "sdpa", "native", baseline=True),
+    Path_("native_sdpa_liger", "sdpa", "native", liger=True, baseline=True),
+    Path_("padded_sdpa", "sdpa", "padded", baseline=True),
+    Path_("ours_flex", "flex_attention", "indexed"),
+    Path_("ours_varlen", "torch_varlen", "indexed"),
+    Path_("ours_varlen_liger", "torch_varlen", "indexed", liger=True),
+    Path_("ours_varlen_liger_compile", "torch_varlen", "indexed", liger=True, compile=True),
+    Path_("ours_te", "te", "indexed"),
+    Path_("ours_te_liger", "te", "indexed", liger=True),
+    Path_("ours_te_liger_compile", "te", "indexed", liger=True, compile=True),
+)
 
 
 def log_uniform_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -24,122 +98,52 @@ def log_uniform_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     return [int(v) for v in torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))).round().tolist()]
 
 
-def timer(device: str):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def make_batches(shape: Shape, device: torch.device) -> tuple[list[dict], list[dict], list[list[int]]]:
+    """Fixed-shape packed steps (indexed feed) and the documents they hold."""
+    from am_packing import pack_sequences
 
-        def begin():
-            start.record()
-
-        def stop() -> float:
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000
-
-        return begin, stop
-    box = {}
-
-    def begin_cpu():
-        box["t"] = time.perf_counter()
-
-    def stop_cpu() -> float:
-        return time.perf_counter() - box["t"]
-
-    return begin_cpu, stop_cpu
-
-
-def seed_loop_unpad(mask: torch.Tensor):
-    """The seed's approach: per-row, per-document Python loop with .item() calls."""
-    seqlens = []
-    for row in mask:
-        for doc in torch.unique(row):
-            if int(doc) == 0:
-                continue
-            seqlens.append(int((row == doc).sum().item()))
-    seqlens_t = torch.tensor(seqlens, dtype=torch.int32, device=mask.device)
-    indices = torch.nonzero(mask.flatten() > 0).flatten()
-    cu = F.pad(seqlens_t.cumsum(0, dtype=torch.int32), (1, 0))
-    return indices, cu, int(seqlens_t.max().item())
-
-
-def train_steps(model, batches, device, iters_warm=1):
-    begin, stop = timer(device)
-    for b in batches[:iters_warm]:
-        model(**b).loss.backward()
-    model.zero_grad(set_to_none=True)
-    begin()
-    for b in batches:
-        model(**b).loss.backward()
-    t = stop()
-    model.zero_grad(set_to_none=True)
-    return t
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/packing.json")
-    ap.add_argument("--skip-flex", action="store_true")
-    args = ap.parse_args()
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import am_packing
-    from am_packing import (
-        backends,
-        configure_packing,
-        get_unpad_data,
-        pack_sequences,
-        register_varlen_attention,
-    )
-    from am_packing._patch import ItemPatch, PatchSet
-
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if args.smoke:
-        print("SMOKE RUN: tiny model on", device, "- numbers mean nothing")
-        cfg = dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256
-        )
-        lo, hi, max_len, n_docs = 8, 64, 64, 24
-    else:
-        cfg = dict(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            intermediate_size=5632,
-            vocab_size=32000,
-        )
-        lo, hi, max_len, n_docs = 128, 4096, 4096, 96
-    config = LlamaConfig(
-        **cfg, num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=max_len
-    )
-    results: dict[str, float | str | int] = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    }
-    lengths = log_uniform_lengths(n_docs, lo, hi)
+    want = shape.rows * (shape.steps + 3)  # 3 warm-up steps, then the measured ones
+    docs: list[list[int]] = []
     g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(1, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
-    real_tokens = sum(lengths)
-    results["real_tokens"] = real_tokens
+    seed = 0
+    while True:
+        lengths = log_uniform_lengths(64, shape.doc_min, shape.doc_max, seed=seed)
+        seed += 1
+        docs += [torch.randint(1, shape.vocab, (n,), generator=g).tolist() for n in lengths]
+        packed = pack_sequences(docs, shape.row_length)
+        if packed["input_ids"].shape[0] >= want + shape.rows:  # the last rows are the least full: drop them
+            break
+    packed = {k: v[:want] for k, v in packed.items()}
+    steps = [
+        {k: v[s : s + shape.rows].to(device) for k, v in packed.items()} for s in range(0, want, shape.rows)
+    ]
+    used = _documents_in(packed)
+    return steps, _padded_batches(used, shape, device), used
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
-    model.config.use_cache = False
-    model.train()
 
-    # ---- packed: rows of max_len, 4 rows per step (equal token budget to the padded run: the same documents)
-    rows_per_step = 4
-    packed = pack_sequences(docs, max_len, return_cu_seqlens=False)
-    results["packing_efficiency"] = am_packing.packing_efficiency(packed)
-    packed_batches = []
-    for s in range(0, packed["input_ids"].shape[0], rows_per_step):
-        sub = {k: v[s : s + rows_per_step].to(device) for k, v in packed.items()}
-        packed_batches.append(sub)
-    # ---- padded SDPA: 4 documents per step padded to the longest, with a 0/1 padding mask
-    padded_batches = []
-    for s in range(0, len(docs), rows_per_step):
-        group = docs[s : s + rows_per_step]
+def _documents_in(packed: dict) -> list[list[int]]:
+    """The documents the kept rows hold, read back from the rows (document ids are per row)."""
+    out = []
+    for ids, mask in zip(packed["input_ids"], packed["attention_mask"], strict=True):
+        for doc in mask.unique().tolist():
+            if doc:
+                out.append(ids[mask == doc].tolist())
+    return out
+
+
+def _padded_batches(docs: list[list[int]], shape: Shape, device: torch.device) -> list[dict]:
+    """Length-grouped padding: documents sorted by length, batched under the same token budget per step."""
+    budget = shape.rows * shape.row_length
+    batches, group = [], []
+    for doc in sorted(docs, key=len):
+        if group and (len(group) + 1) * len(doc) > budget:
+            batches.append(group)
+            group = []
+        group.append(doc)
+    if group:
+        batches.append(group)
+    out = []
+    for group in batches:
         width = max(map(len, group))
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -147,136 +151,317 @@ def main() -> None:
             ids[i, : len(d)] = torch.tensor(d)
             mask[i, : len(d)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        padded_batches.append(
+        out.append(
             {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
         )
-    results["padded_slots"] = sum(b["input_ids"].numel() for b in padded_batches)
+    return out
 
-    t_padded = train_steps(model, padded_batches, device)
-    results["padded_sdpa_tokens_per_s"] = real_tokens / t_padded
-    print(f"padded sdpa      : {real_tokens / t_padded:12.0f} tok/s")
 
-    with register_varlen_attention(), configure_packing("torch_varlen"):
-        if device == "cuda":
-            model.set_attn_implementation("torch_varlen")
-            t_varlen = train_steps(model, packed_batches, device)
-            results["packed_varlen_tokens_per_s"] = real_tokens / t_varlen
-            results["speedup_varlen_vs_padded"] = t_padded / t_varlen
-            print(
-                f"packed varlen    : {real_tokens / t_varlen:12.0f} tok/s  ({t_padded / t_varlen:.2f}x padded)"
-            )
+def feed(batch: dict, path: Path_) -> dict:
+    if path.feed == "native":
+        return {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+    return batch
 
-            # host syncs inside attention: run the attention function under sync debug mode "error"
-            def checked(*a, **k):
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    return backends.varlen_attention_forward(*a, **k)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
 
-            import transformers
+def model_flops(shape: Shape, docs: list[list[int]], n_params: int, n_embedding: int) -> float:
+    """Training FLOPs (fwd+bwd = 3x fwd) for `docs`: dense matmuls plus causal attention per document."""
+    tokens = sum(map(len, docs))
+    dense = 6 * (n_params - n_embedding) * tokens
+    attention = sum(6 * len(d) ** 2 * shape.hidden * shape.layers for d in docs)  # QK^T and PV, causal half
+    return float(dense + attention)
 
-            with PatchSet(
-                [ItemPatch(transformers.AttentionInterface._global_mapping, "torch_varlen", checked)]
-            ):
-                try:
-                    model(**packed_batches[0]).loss.backward()
-                    results["attention_host_syncs_per_layer"] = 0
-                    print("host syncs in attention path per layer: 0 (sync debug mode 'error' did not fire)")
-                except RuntimeError as exc:
-                    results["attention_host_syncs_per_layer"] = f"sync detected: {exc}"[:300]
-                    print("SYNC DETECTED in attention path:", exc)
-            model.zero_grad(set_to_none=True)
-        else:
-            results["packed_varlen_tokens_per_s"] = "skipped: no CUDA (varlen_attn has no CPU kernel)"
-    if not args.skip_flex:
-        with configure_packing("flex_attention"):
-            model.set_attn_implementation("flex_attention")
-            if device == "cpu":
-                import transformers.integrations.flex_attention as fa
-                from torch.nn.attention.flex_attention import flex_attention
 
-                fa.compile_friendly_flex_attention = lambda q, k, v, training=False, **kw: flex_attention(
-                    q, k, v, **kw
-                )
-                # (smoke only: CPU has no flex backward; forward-only timing)
-                begin, stop = timer(device)
-                with torch.no_grad():
-                    begin()
-                    for b in packed_batches:
-                        model(**b)
-                    t_flex = stop()
-            else:
-                t_flex = train_steps(model, packed_batches, device, iters_warm=2)
-            results["packed_flex_tokens_per_s"] = real_tokens / t_flex
-            results["speedup_flex_vs_padded"] = t_padded / t_flex
-            print(f"packed flex      : {real_tokens / t_flex:12.0f} tok/s  ({t_padded / t_flex:.2f}x padded)")
-    model.set_attn_implementation("sdpa")
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 20) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
-    # ---- cu_seqlens prep: ours vs the seed's per-document loop (same mask, same device)
-    big = pack_sequences(docs * (1 if args.smoke else 4), max_len)["attention_mask"].to(device)
-    ref = seed_loop_unpad(big)
-    ours = get_unpad_data(big)
-    assert ours.cu_seqlens.tolist() == ref[1].tolist() and ours.max_seqlen == ref[2]
-    begin, stop = timer(device)
-    reps = 5
-    begin()
-    for _ in range(reps):
-        seed_loop_unpad(big)
-    t_seed = stop() / reps
-    begin()
-    for _ in range(reps):
-        get_unpad_data(big)
-    t_ours = stop() / reps
-    results["cu_seqlens_seed_loop_ms"] = t_seed * 1e3
-    results["cu_seqlens_ours_ms"] = t_ours * 1e3
-    results["cu_seqlens_speedup"] = t_seed / t_ours
-    print(
-        f"cu_seqlens prep  : seed loop {t_seed * 1e3:.2f} ms, ours {t_ours * 1e3:.2f} ms ({t_seed / t_ours:.1f}x)"
+
+def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, attn: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        max_position_embeddings=shape.row_length,
+        attn_implementation="sdpa" if attn in ("te", "torch_varlen") else attn,
+        use_cache=False,
     )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.train()
 
-    # ---- attention-only useful TFLOP/s of the varlen path (causal: only the lower triangle counts)
-    if device == "cuda":
-        heads, dim = cfg["num_attention_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
-        mask = packed["attention_mask"][:rows_per_step].to(device)
-        data = get_unpad_data(mask)
-        total = data.indices.numel()
-        q, k, v = (
-            torch.randn(total, heads, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
-        )
-        seqlens = (data.cu_seqlens[1:] - data.cu_seqlens[:-1]).double()
-        fwd_flops = float((4 * heads * dim * seqlens * (seqlens + 1) / 2).sum())
 
-        def run():
-            return backends.varlen_kernel(
-                q, k, v, data.cu_seqlens, data.max_seqlen, scale=dim**-0.5, window_left=-1, causal=True
-            )
+@contextlib.contextmanager
+def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[None]:
+    """Apply `path`'s stack in the README's order (Liger, TE, packing) and undo it afterwards."""
+    import am_packing
 
-        for _ in range(3):
-            run().sum().backward()
-        begin, stop = timer(device)
-        begin()
-        for _ in range(10):
-            run()
-        t_fwd = stop() / 10
-        out = run()
-        grad = torch.randn_like(out)
-        begin()
-        for _ in range(10):
-            out = run()
-            out.backward(grad)
-        t_fb = stop() / 10
-        results["varlen_attention_fwd_tflops"] = fwd_flops / t_fwd / 1e12
-        results["varlen_attention_fwd_bwd_tflops"] = 3.5 * fwd_flops / t_fb / 1e12
+    with contextlib.ExitStack() as undo:
+        if path.liger:
+            import am_kernels
+
+            am_kernels.patch_liger_kernel(model)
+        if path.attn == "te":
+            import am_attention
+
+            undo.enter_context(am_attention.inject_te_attention(model, dot_product_attention_cls=te_cls))
+        if path.feed == "indexed":
+            if path.attn == "torch_varlen":
+                undo.enter_context(am_packing.register_varlen_attention())
+                model.set_attn_implementation("torch_varlen")
+            if path.attn in ("torch_varlen", "te"):
+                undo.enter_context(am_packing.configure_packing(path.attn))
+            else:
+                undo.enter_context(am_packing.enable_packing(model, path.attn))
+        if path.compile:
+            for layer in model.model.layers:
+                layer.compile()
+        yield
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graph breaks, graphs compiled) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), int(counters["stats"]["unique_graphs"])
+
+
+def train_step(model: torch.nn.Module, batch: dict) -> None:
+    model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_path(
+    model: torch.nn.Module, batches: list[dict], path: Path_, device: torch.device, warmup: int
+) -> dict[str, Any]:
+    warm_times = []
+    for batch in batches[:warmup]:
+        t0 = time.perf_counter()
+        train_step(model, feed(batch, path))
+        sync(device)
+        warm_times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    breaks0, graphs0 = dynamo_counts()
+    steps = []
+    for batch in batches[warmup:]:
+        t0 = time.perf_counter()
+        train_step(model, feed(batch, path))
+        sync(device)
+        steps.append(time.perf_counter() - t0)
+    breaks1, graphs1 = dynamo_counts()
+    return {
+        "warmup_s": [round(t, 3) for t in warm_times],
+        "step_s_median": statistics.median(steps),
+        "step_s_all": [round(t, 4) for t in steps],
+        "steady_graph_breaks": breaks1 - breaks0,
+        "steady_recompiles": graphs1 - graphs0,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def profile_step(
+    model: torch.nn.Module, batch: dict, device: torch.device, top: int = 12
+) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        train_step(model, batch)
+        sync(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    if device.type == "cuda":
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [
+        {"kernel": e.key[:120], "share": round(getattr(e, key) / total, 4), "calls": e.count}
+        for e in events[:top]
+    ]
+
+
+def te_kernel(device: torch.device) -> tuple[Any, str]:
+    """TE's DotProductAttention where it imports (GPU); else am-attention's torch reference (smoke runs)."""
+    import am_attention
+
+    if device.type == "cuda":
+        try:
+            import transformer_engine.pytorch as te
+
+            return te.DotProductAttention, "transformer_engine"
+        except ImportError as exc:
+            return None, f"transformer_engine not importable: {exc}"
+    return am_attention.ReferenceDotProductAttention, "reference (smoke)"
+
+
+def run_shape(
+    name: str, shape: Shape, paths: list[Path_], device: torch.device, dtype: torch.dtype, peak: float
+) -> dict[str, Any]:
+    batches, padded, docs = make_batches(shape, device)
+    real = sum(map(len, docs))
+    te_cls, te_name = te_kernel(device)
+    out: dict[str, Any] = {
+        "shape": shape.__dict__,
+        "documents": len(docs),
+        "real_tokens_per_step": real / len(batches),
+        "row_fill": real / (len(batches) * shape.rows * shape.row_length),
+        "te_kernel": te_name,
+        "paths": {},
+    }
+    flops = None
+    warmup = 3 if device.type == "cuda" else 1
+    measured = batches[warmup:]
+    measured_docs = _documents_in({k: torch.cat([b[k] for b in measured]).cpu() for k in batches[0]})
+    for path in paths:
+        if path.attn in ("torch_varlen",) and device.type != "cuda":
+            out["paths"][path.name] = {"skipped": "torch varlen attention needs CUDA"}
+            continue
+        if path.attn == "te" and te_cls is None:
+            out["paths"][path.name] = {"skipped": te_name}
+            continue
+        print(f"[{name}] {path.name}: {path.describe()}", flush=True)
+        model = build_model(shape, device, dtype, path.attn)
+        if flops is None:
+            n_params = sum(p.numel() for p in model.parameters())
+            n_embedding = model.model.embed_tokens.weight.numel()
+            flops = model_flops(shape, measured_docs, n_params, n_embedding) / len(measured)
+            out["model_params"] = n_params
+        try:
+            with stack(model, path, te_cls):
+                if path.feed == "padded":
+                    result = time_padded(model, padded, device)
+                    result["tokens_per_s"] = real / result["total_s"]
+                else:
+                    result = time_path(model, batches, path, device, warmup)
+                    result["tokens_per_s"] = (real / len(batches)) / result["step_s_median"]
+                    result["mfu"] = flops / result["step_s_median"] / (peak * 1e12)
+                    if device.type == "cuda":
+                        try:
+                            import am_attention
+
+                            result["te_stats"] = dict(am_attention.get_te_attention_stats())
+                        except Exception as exc:  # stats are informative only; say why they are missing
+                            result["te_stats"] = f"unavailable: {exc}"
+                    result["_model"] = model
+                result["config"] = path.describe()
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "config": path.describe()}
+        model_ref = result.pop("_model", None)
+        out["paths"][path.name] = result
         print(
-            f"varlen attention : fwd {fwd_flops / t_fwd / 1e12:.0f} TFLOP/s, fwd+bwd {3.5 * fwd_flops / t_fb / 1e12:.0f} "
-            "TFLOP/s (useful causal FLOPs)"
+            f"    {json.dumps({k: v for k, v in result.items() if k != 'step_s_all'}, default=str)}",
+            flush=True,
         )
+        if model_ref is not None and path.name in PROFILE and device.type == "cuda":
+            with stack(model_ref, Path_(path.name, path.attn, path.feed), te_cls):
+                out["paths"][path.name]["profile"] = profile_step(model_ref, feed(batches[-1], path), device)
+        del model, model_ref
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _ratios(out)
+    return out
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(results, indent=2, default=str))
 
+# Paths whose profile is recorded: the strongest baseline and our candidates for the fastest stack.
+PROFILE = {"native_flex_liger", "ours_te_liger_compile", "ours_varlen_liger_compile", "ours_te_liger"}
+
+
+def time_padded(model: torch.nn.Module, batches: list[dict], device: torch.device) -> dict[str, Any]:
+    train_step(model, batches[0])  # warm-up (sdpa kernels, allocator)
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        train_step(model, batch)
+    sync(device)
+    return {"total_s": time.perf_counter() - t0, "batches": len(batches)}
+
+
+def _ratios(out: dict[str, Any]) -> None:
+    tps = {n: r["tokens_per_s"] for n, r in out["paths"].items() if isinstance(r.get("tokens_per_s"), float)}
+    ours = {n: v for n, v in tps.items() if n.startswith("ours_")}
+    if not ours:
+        return
+    best = max(ours, key=ours.get)
+    out["best_ours"] = best
+    out["ratios"] = {
+        f"{best} / {base}": tps[best] / tps[base]
+        for base in ("native_flex", "native_flex_liger", "native_sdpa", "native_sdpa_liger", "padded_sdpa")
+        if base in tps
+    }
+    for name, r in out["paths"].items():
+        if name in tps and "native_flex" in tps:
+            r["vs_native_flex"] = tps[name] / tps["native_flex"]
+        if name in tps and "native_flex_liger" in tps:
+            r["vs_native_flex_liger"] = tps[name] / tps["native_flex_liger"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/packing.json")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--paths", default="", help="comma-separated path names (default: all)")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    wanted = [p for p in PATHS if not args.paths or p.name in args.paths.split(",")]
+    if device.type == "cpu":
+        # CPU has no flex backward, no varlen kernel and no triton for Liger: the smoke run proves the script, nothing else
+        wanted = [p for p in wanted if p.attn not in ("flex_attention", "torch_varlen") and not p.liger]
+        print("SMOKE RUN on", device, "- numbers mean nothing")
+    peak = matmul_peak_tflops(device, dtype)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "bf16_matmul_peak_tflops": peak,
+        "step": "forward + backward (no optimizer step), fresh model per path from the same seed",
+        "shapes": {},
+    }
+    shapes = {"smoke": SMOKE} if args.smoke else {n: SHAPES[n] for n in args.shapes.split(",")}
+    for name, shape in shapes.items():
+        paths = wanted if name != "long_16k" else [p for p in wanted if p.name in LONG_PATHS]
+        results["shapes"][name] = run_shape(name, shape, paths, device, dtype, peak)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    for name, r in results["shapes"].items():
+        for k, v in r.get("ratios", {}).items():
+            print(f"{name}: {k} = {v:.3f}")
+    print(json.dumps(results, indent=2, default=str)[:4000])
+
+
+# The long-context shape runs the native flex baseline and our candidates only (device time is scarce).
+LONG_PATHS = {
+    "native_flex",
+    "native_flex_liger",
+    "ours_varlen_liger",
+    "ours_varlen_liger_compile",
+    "ours_te_liger",
+    "ours_te_liger_compile",
+}
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ logits max-abs diff < 5e-2 (logits here are O(1)); a cross-document leak gives e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 
@@ -144,3 +145,70 @@ def test_varlen_attention_has_no_host_sync_per_layer():
             model(
                 **{k: v for k, v in batch.items() if k != "attention_mask"}, use_cache=False
             ).loss.backward()
+
+
+def _te_kernel():
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as exc:  # the [te] extra is optional on the GPU machine too
+        pytest.skip(f"transformer_engine not importable: {exc}")
+    return te.DotProductAttention
+
+
+@pytest.mark.parametrize("attn", ["torch_varlen", "te"])
+def test_fastest_stack_matches_per_document_and_compiles_clean(attn):
+    """Liger + (TE THD | torch varlen) + indexed packing + torch.compile per decoder layer, as the README's
+    fastest recipe: packed training equals the plain model run per document (bf16 bounds above), and once
+    warm a new batch of the same shape compiles nothing and breaks no graph."""
+    from torch._dynamo.utils import counters
+
+    import am_attention
+    import am_kernels
+    from am_packing import configure_packing, pack_sequences, register_varlen_attention
+
+    docs = _docs()
+    model = _model("sdpa", "llama")
+    ref = _per_doc(copy.deepcopy(model), docs)
+    plain = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    with contextlib.ExitStack() as undo:
+        am_kernels.patch_liger_kernel(model)
+        if attn == "te":
+            undo.enter_context(
+                am_attention.inject_te_attention(model, dot_product_attention_cls=_te_kernel())
+            )
+        else:
+            undo.enter_context(register_varlen_attention())
+            model.set_attn_implementation("torch_varlen")
+        undo.enter_context(configure_packing(attn))
+        for layer in model.model.layers:
+            layer.compile()
+        got = _packed(model, docs)
+        _check(ref, got)
+
+        batch = {k: v.cuda() for k, v in pack_sequences(docs, 1024).items()}
+        loss = model(**batch, use_cache=False).loss
+        with torch.no_grad():  # the packed mean loss vs the plain model's, document by document
+            n = sum(len(d) - 1 for d in docs)
+            want = (
+                sum(
+                    plain(
+                        input_ids=torch.tensor([d], device="cuda"), labels=torch.tensor([d], device="cuda")
+                    ).loss
+                    * (len(d) - 1)
+                    for d in docs
+                    if len(d) > 1
+                )
+                / n
+            )
+        assert abs(loss.item() - want.item()) < 1e-2 * abs(want.item()), (loss.item(), want.item())
+
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = sum(counters["graph_break"].values())
+        shuffled = [docs[i] for i in (3, 0, 6, 2, 5, 1, 4)]  # same row shape, other boundaries
+        model(
+            **{k: v.cuda() for k, v in pack_sequences(shuffled, 1024).items()}, use_cache=False
+        ).loss.backward()
+        assert counters["stats"]["unique_graphs"] == graphs, "a same-shape batch recompiled"
+        assert breaks == 0, f"graph breaks while compiling the stack: {dict(counters['graph_break'])}"
