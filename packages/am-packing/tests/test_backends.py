@@ -155,3 +155,17 @@ def test_packed_mask_rejected_by_unsupported_backend(make_model, exact):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         finally:
             model.config._attn_implementation = "sdpa"
+
+
+def test_varlen_segments_cover_every_token_without_gathers():
+    """Documents and padding runs become segments of the flattened batch (no gather); padding is flagged."""
+    mask = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0], [1, 2, 3, 3, 3, 3]])
+    seg = backends.cached_segments(mask)
+    assert seg.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12, 13, 14, 18]
+    assert seg.max_seqlen == 4
+    assert seg.valid.flatten().tolist() == (mask.flatten() > 0).tolist()
+    assert backends.cached_segments(mask) is seg  # memoised per mask object
+    full = torch.tensor([[1, 1, 2], [1, 1, 1]])
+    assert backends.cached_segments(full).valid is None
+    with pytest.raises(ValueError):
+        backends.cached_segments(torch.tensor([[1, 2, 1, 0]]))  # validated like get_unpad_data

@@ -20,7 +20,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,6 +60,45 @@ def cached_unpad_data(mask: torch.Tensor, *, strict: bool = True) -> UnpadData:
 
 def clear_unpad_cache() -> None:
     _local.slot = None
+    _seg_local.slot = None
+
+
+class Segments(NamedTuple):
+    """Every token of the flattened batch in one varlen sequence: each document, and each run of padding."""
+
+    cu_seqlens: torch.Tensor  # int32, [num_segments + 1], ends at B * S
+    max_seqlen: int
+    valid: torch.Tensor | None  # [B*S, 1, 1] bool, False on padding; None when there is none
+
+
+_seg_local = threading.local()
+
+
+def cached_segments(mask: torch.Tensor) -> Segments:
+    """`mask`'s segments (validated as `get_unpad_data` does), memoised like `cached_unpad_data`.
+
+    Attention over segments needs no gather/scatter of q/k/v: padding runs attend only among themselves,
+    so real tokens see exactly their document, and the padding outputs are zeroed afterwards.
+    """
+    slot = getattr(_seg_local, "slot", None)
+    if slot is not None and slot[0]() is mask and slot[1] == mask._version:
+        return slot[2]
+    data = cached_unpad_data(mask)  # validates the indexed mask (one host sync)
+    ids = mask.to(torch.int64)
+    batch, seq = ids.shape
+    start = torch.ones(batch, seq, dtype=torch.bool, device=ids.device)
+    start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = start.reshape(-1).nonzero().reshape(-1)
+    end = torch.tensor([batch * seq], device=ids.device)
+    cu = torch.cat([starts, end]).to(torch.int32)
+    padded = data.indices.numel() != batch * seq
+    segments = Segments(
+        cu,
+        max(int((cu[1:] - cu[:-1]).max()), data.max_seqlen),
+        (ids > 0).reshape(-1, 1, 1) if padded else None,
+    )
+    _seg_local.slot = (weakref.ref(mask), mask._version, segments)
+    return segments
 
 
 def flash_unpad_data(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -131,7 +170,8 @@ def varlen_kernel(
 def _varlen_layout(
     attention_mask: torch.Tensor | None, kwargs: dict[str, Any], batch: int, seq: int, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """(gather indices or None, cu_seqlens, max_seqlen) for this batch; never syncs on the cached paths."""
+    """(padding mask to zero the output with or None, cu_seqlens, max_seqlen) over all B*S tokens for this
+    batch; never syncs on the cached paths."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:  # precomputed by the caller (PackingCollator(return_cu_seqlens=True)): zero syncs
         max_q = kwargs.get("max_length_q")
@@ -143,8 +183,8 @@ def _varlen_layout(
             raise ValueError(
                 f"torch_varlen expects a 2D (indexed or 0/1) attention mask, got shape {tuple(attention_mask.shape)}"
             )
-        data = cached_unpad_data(attention_mask)
-        return data.indices, data.cu_seqlens, data.max_seqlen
+        segments = cached_segments(attention_mask)
+        return segments.valid, segments.cu_seqlens, segments.max_seqlen
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and position_ids.shape[-1] == seq:
         ids = _cached_position_documents(position_ids.expand(batch, -1))
@@ -201,11 +241,10 @@ def varlen_attention_forward(
     scale = float(dim**-0.5 if scaling is None else scaling)
     # transformers' sliding_window counts the query itself: kv_idx > q_idx - sliding_window
     window_left = int(sliding_window) - 1 if sliding_window else -1
-    indices, cu_seqlens, max_seqlen = _varlen_layout(attention_mask, kwargs, batch, seq, query.device)
+    valid, cu_seqlens, max_seqlen = _varlen_layout(attention_mask, kwargs, batch, seq, query.device)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        t = t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)
-        return t if indices is None else t.index_select(0, indices)
+        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)
 
     out = varlen_kernel(
         flat(query),
@@ -217,8 +256,8 @@ def varlen_attention_forward(
         window_left=window_left,
         causal=causal,
     )
-    if indices is not None:
-        out = out.new_zeros(batch * seq, heads, dim).index_copy(0, indices, out)
+    if valid is not None:
+        out = out * valid
     return out.view(batch, seq, heads, dim), None
 
 
