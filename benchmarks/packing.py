@@ -281,25 +281,36 @@ def time_path(
     }
 
 
-def profile_step(
-    model: torch.nn.Module, batch: dict, device: torch.device, top: int = 12
-) -> list[dict[str, Any]]:
+def profile_step(model: torch.nn.Module, batch: dict, device: torch.device, top: int = 12) -> dict[str, Any]:
+    """One step under the profiler: the top kernels by device time, the host ops by self CPU time, and how
+    busy the GPU was (kernel time / wall time: below 1 the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         train_step(model, batch)
         sync(device)
-    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
-    if device.type == "cuda":
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(getattr(e, key) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [
-        {"kernel": e.key[:120], "share": round(getattr(e, key) / total, 4), "calls": e.count}
-        for e in events[:top]
+        wall = time.perf_counter() - t0
+    events = list(prof.key_averages())
+    kernels = [
+        e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0
     ]
+    busy = sum(e.device_time_total for e in kernels) / 1e6
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_s": wall,
+        "gpu_busy_fraction": busy / wall if device.type == "cuda" else None,
+        "kernels": [
+            {"kernel": e.key[:120], "share": round(e.device_time_total / 1e6 / busy, 4), "calls": e.count}
+            for e in kernels[:top]
+        ],
+        "host_ops": [
+            {"op": e.key[:120], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+            for e in host[:top]
+        ],
+    }
 
 
 def te_kernel(device: torch.device) -> tuple[Any, str]:

@@ -11,6 +11,7 @@ from am_kernels import (
     LIGER_PLANS,
     assert_same_signature,
     get_liger_kernel_patch,
+    get_patch_report,
     load_liger_ops,
     patch_liger_kernel,
     supported_model_types,
@@ -269,6 +270,42 @@ def test_deepcopy_of_patched_model_computes_with_its_own_modules(tiny, torch_ops
         assert get_liger_kernel_patch(clone) is None and "forward" not in vars(clone.model.norm)
         assert get_liger_kernel_patch(model) is not None  # the original stays patched
         assert model.model.norm.forward.__self__ is model.model.norm
+    finally:
+        unpatch_liger_kernel(model)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_pickled_patched_model_loads_plain_and_can_be_patched_again(tiny, torch_ops, kit, how):
+    # pickle keeps weights, not kernels: the loaded copy must run its own weights and not claim a patch
+    # it no longer runs (a stale handle made patch_liger_kernel a silent no-op on it)
+    import io
+    import pickle
+
+    model = tiny("llama")
+    patch_liger_kernel(model, ops=torch_ops)
+    try:
+        if how == "pickle":
+            clone = pickle.loads(pickle.dumps(model))
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            clone = torch.load(buffer, weights_only=False)
+        assert get_liger_kernel_patch(clone) is None and get_patch_report(clone).modules == ()
+        with torch.no_grad():
+            for p in clone.parameters():
+                p.mul_(0.5)
+        ref = kit.build_tiny("llama")
+        ref.load_state_dict(clone.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(clone(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+        patch_liger_kernel(clone, ops=torch_ops)
+        assert len(get_patch_report(clone).modules) == len(get_patch_report(model).modules) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(clone(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+        unpatch_liger_kernel(clone)
+        assert get_patch_report(clone).modules == ()
+        assert len(get_patch_report(model).modules) > 0  # the original stays patched
     finally:
         unpatch_liger_kernel(model)
 

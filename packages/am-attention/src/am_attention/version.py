@@ -1,1 +1,6 @@
+from ._contract import require_installed
+
 __version__ = "0.1.0"
+
+# Checked when the package is imported: the private transformers objects we patch exist from 5.3 on.
+require_installed("am-attention", "5.3")

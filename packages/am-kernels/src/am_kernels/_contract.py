@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,34 @@ def library_version(library: str = "transformers") -> str:
 
 def transformers_version() -> str:
     return library_version("transformers")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "5.3.0.dev0" -> (5, 3, 0)."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    return tuple(numbers)
+
+
+def require_installed(package: str, minimum: str, library: str = "transformers") -> None:
+    """Raise ImportError (at `package`'s import) when `library` is installed older than `minimum`.
+
+    pip's dependency resolution is bypassed by ``--no-deps`` or a pinned environment; the private objects
+    we patch do not exist in older releases, so refuse at import rather than fail deep inside a patch.
+    A missing library passes: importing it later says so.
+    """
+    found = library_version(library)
+    if found != "not installed" and _release(found) < _release(minimum):
+        raise ImportError(
+            f"{package} supports {library}>={minimum}, but the installed {library} is {found} (unsupported): "
+            f"pip install -U '{library}>={minimum}'"
+        )
 
 
 def qualified_name(obj: Any) -> str:

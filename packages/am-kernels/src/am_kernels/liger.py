@@ -12,6 +12,7 @@ patches of the causal-LM head in `liger_head`; this module picks the plan and ap
 
 from __future__ import annotations
 
+import copy
 from typing import Any, TypeVar
 
 import torch
@@ -43,6 +44,23 @@ class LigerKernelPatch:
     def revert(self) -> None:
         # PatchSet.revert checks every patch first: a foreign patch on one module never half-reverts the model.
         self.patches.revert()
+
+    def __reduce__(self) -> tuple:
+        # pickle / torch.save keep weights, not kernels: the bound Liger forwards pickle by name and load as
+        # the class's own, so the loaded model is plain; it must not claim a patch it no longer runs
+        return (_not_patched, ())
+
+    def __deepcopy__(self, memo: dict) -> LigerKernelPatch:
+        # a deep copy does keep the kernels (bound methods rebind to the copy): copy the handle with it
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        vars(new).update(copy.deepcopy(vars(self), memo))
+        return new
+
+
+def _not_patched() -> None:
+    """What a pickled `LigerKernelPatch` loads as: no patch (see `LigerKernelPatch.__reduce__`)."""
+    return None
 
 
 def _check_model(model: Any) -> Any:

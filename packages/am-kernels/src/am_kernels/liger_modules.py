@@ -80,7 +80,8 @@ def describe_owner(value: Any) -> str:
 def refuse_instance_forward(module: Any, path: str, kernel: str, flag: str) -> None:
     """A kernel that replaces the whole forward would silently drop an instance-level forward: refuse."""
     own = vars(module).get("forward")
-    if own is not None:
+    # the class's own forward bound to the module (what a pickled Liger patch loads as) drops nothing
+    if own is not None and method_function(own, module) is not type(module).forward:
         raise ValueError(
             f"{path or '<root>'} ({type(module).__name__}).forward is already replaced on the instance by "
             f"{describe_owner(own)}; Liger's {kernel} replaces the whole forward, so that patch would stop "
