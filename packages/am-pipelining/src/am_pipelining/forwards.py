@@ -16,7 +16,8 @@ from torch import nn
 from ._contract import transformers_version
 from .introspect import get_decoder, get_text_config
 from .mask_cache import CausalMaskCache
-from .run_layers import run_decoder_layers, stage_input
+from .output_path import causal_lm_logits
+from .run_layers import embed_ids, run_decoder_layers, stage_input
 from .stage_forward import PipelineForward, StageCall
 
 
@@ -32,19 +33,10 @@ def _hidden_from(output: Any) -> torch.Tensor:
 def apply_lm_head(
     model: nn.Module, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor | None = 0
 ) -> torch.Tensor:
-    """lm_head (+ final-logit softcapping) when this stage owns the head; hidden states otherwise."""
-    head = getattr(model, "lm_head", None)
-    if head is None:
+    """The causal LM's own head step (output_path.causal_lm_logits) when this stage owns lm_head; else hidden states."""
+    if getattr(model, "lm_head", None) is None:
         return hidden
-    if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-        hidden = hidden[:, -logits_to_keep:, :]
-    elif isinstance(logits_to_keep, torch.Tensor):
-        hidden = hidden[:, logits_to_keep, :]
-    logits = head(hidden)
-    cap = getattr(get_text_config(model), "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return causal_lm_logits(model, get_decoder(model), hidden, logits_to_keep)
 
 
 def _backbone_then_head(
@@ -98,7 +90,7 @@ def _check_mask_cache(mask_cache: Any) -> CausalMaskCache:
 
 
 def _inner_body(module: nn.Module, call: StageCall, cache: CausalMaskCache | None) -> torch.Tensor:
-    hidden = stage_input(module, call.input_ids, call.inputs_embeds)
+    hidden = stage_input(module, call.input_ids, call.inputs_embeds, call.attention_mask, call.position_ids)
     return run_decoder_layers(module, hidden, call.attention_mask, call.position_ids, cache, call.kwargs)
 
 
@@ -112,7 +104,7 @@ def _mistral3_vlm_body(module: nn.Module, call: StageCall, cache: CausalMaskCach
     input_ids, inputs_embeds = call.input_ids, call.inputs_embeds
     pixel_values = call.options["pixel_values"]
     if _embeds_token_ids(call):
-        inputs_embeds = stage_input(text, input_ids, None)
+        inputs_embeds = embed_ids(text, input_ids)
         if pixel_values is not None:
             _require_vision_tower(vlm)
             layer = call.options["vision_feature_layer"]
@@ -133,7 +125,7 @@ def _gemma4_text_body(module: nn.Module, call: StageCall, cache: CausalMaskCache
     kv_dict = getattr(_require_gemma4(), "KVSharingDict", None)
     ids = call.input_ids
     token_ids = ids if ids is not None and not ids.is_floating_point() else None
-    hidden = stage_input(module, ids, call.inputs_embeds)
+    hidden = stage_input(module, ids, call.inputs_embeds, call.attention_mask, call.position_ids)
     per_layer_inputs = call.options["per_layer_inputs"]
     if getattr(module, "hidden_size_per_layer_input", 0):
         if per_layer_inputs is None and token_ids is None:
@@ -172,7 +164,7 @@ def _gemma4_vlm_body(module: nn.Module, call: StageCall, cache: CausalMaskCache 
                 mm_mask |= input_ids == token_id
         # Multimodal placeholder ids can lie outside the text vocabulary: embed them as padding.
         llm_ids = input_ids.masked_fill(mm_mask, get_text_config(module).pad_token_id)
-        inputs_embeds = stage_input(text, llm_ids, None)
+        inputs_embeds = embed_ids(text, llm_ids)
         if getattr(text, "hidden_size_per_layer_input", 0):
             per_layer_inputs = text.get_per_layer_inputs(llm_ids, inputs_embeds)
         if pixel_values is not None:

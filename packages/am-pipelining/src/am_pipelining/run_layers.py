@@ -1,4 +1,4 @@
-"""What one pipeline stage runs: its masks, rotary embeddings, the layers it holds and the final norm.
+"""What one pipeline stage runs: its masks, rotary embeddings, the layers it holds and the final modules.
 
 A stage whose `embed_tokens` was removed receives the previous stage's hidden states in the
 `input_ids` slot; layers are the ones the (possibly split) decoder still holds, each with its
@@ -17,6 +17,7 @@ from torch import nn
 from ._contract import RENAMED_PARAMETERS, parameter_name, qualified_name
 from .introspect import owned_layers
 from .mask_cache import CausalMaskCache
+from .output_path import apply_final_modules, decoder_prologue
 
 
 def _fallback_layer_type(config: Any) -> str:
@@ -86,16 +87,8 @@ def _refuse_block_overlay(kwargs: dict[str, Any]) -> None:
         )
 
 
-def stage_input(
-    module: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
-) -> torch.Tensor:
-    """Embed token ids on the stage that owns `embed_tokens`; pass hidden states through elsewhere."""
-    if inputs_embeds is not None:
-        return inputs_embeds
-    if input_ids is None:
-        raise ValueError("pipeline forward needs input_ids (token ids or the previous stage's hidden states)")
-    if input_ids.is_floating_point():
-        return input_ids
+def embed_ids(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The plain input embedding of token ids (what VLM wrappers merge image features into)."""
     embed = getattr(module, "embed_tokens", None)
     if embed is None:
         raise ValueError(
@@ -103,6 +96,35 @@ def stage_input(
             f"input_ids of shape {tuple(input_ids.shape)}; expected the previous stage's hidden states"
         )
     return embed(input_ids)
+
+
+def stage_input(
+    module: nn.Module,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: Any = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The first layer's input on the stage that owns `embed_tokens`; hidden states pass through elsewhere.
+
+    On the first stage, token ids or embeddings go through the decoder's own forward up to its first
+    layer (output_path.decoder_prologue), so positions, scales or norms it applies there are kept.
+    """
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pipeline forward needs input_ids (token ids or the previous stage's hidden states)")
+    if inputs_embeds is None and input_ids.is_floating_point():
+        return input_ids
+    if getattr(module, "embed_tokens", None) is None:
+        if inputs_embeds is not None:
+            return inputs_embeds
+        embed_ids(module, input_ids)  # raises: token ids on a stage without the embedding
+    if position_ids is not None:
+        split_mrope_positions(module.config, position_ids)  # raises ValueError for a shape it cannot take
+    layers = [layer for _, layer in owned_layers(module)]
+    if not layers:
+        return embed_ids(module, input_ids) if inputs_embeds is None else inputs_embeds
+    ids = None if inputs_embeds is not None else input_ids
+    return decoder_prologue(module, ids, inputs_embeds, attention_mask, position_ids, layers)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -171,7 +193,7 @@ def run_decoder_layers(
     per_layer_inputs: torch.Tensor | None = None,
     shared_kv_states: Any = None,
 ) -> torch.Tensor:
-    """Masks, rotary embeddings, the owned layers and (if owned) the final norm of one stage."""
+    """Masks, rotary embeddings, the owned layers and (if owned) the final modules of one stage."""
     _refuse_block_overlay(layer_kwargs)
     config = module.config
     if position_ids is None:
@@ -219,7 +241,4 @@ def run_decoder_layers(
         )
         hidden_states = out[0] if isinstance(out, tuple) else out
 
-    norm = getattr(module, "norm", None)
-    if norm is not None:
-        hidden_states = norm(hidden_states)
-    return hidden_states
+    return apply_final_modules(module, hidden_states)

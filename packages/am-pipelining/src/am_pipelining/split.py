@@ -18,11 +18,9 @@ from torch import nn
 from ._args import require_bool, require_int, require_module
 from ._copy_safety import check_bindings, check_patches_before_copy
 from .introspect import MULTIMODAL_SUFFIXES, get_decoder, owned_layers
+from .output_path import STAGE0_DECODER_EXTRAS, final_module_names, input_embedding_name
 from .patch import patch_hf_model_for_pp
 from .validate import validate_hf_model_for_pipeline_support
-
-# Gemma4's per-layer-input embedding lives next to embed_tokens and belongs to stage 0.
-_STAGE0_DECODER_EXTRAS = ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
 
 
 def _costs(layer_costs: Sequence[float]) -> list[float]:
@@ -132,16 +130,6 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _io_names(decoder: nn.Module) -> tuple[str, str]:
-    """(input embedding, final norm) attribute names, from `base_model_pp_plan` where the config has one."""
-    plan = getattr(decoder.config, "base_model_pp_plan", None)
-    if plan:
-        keys = list(plan)
-        if len(keys) >= 3 and keys[1] == "layers":
-            return keys[0], keys[-1]
-    return "embed_tokens", "norm"
-
-
 def _present(owner: nn.Module, prefix: str, names: Sequence[str]) -> list[str]:
     return [_join(prefix, n) for n in names if isinstance(getattr(owner, n, None), nn.Module)]
 
@@ -174,7 +162,7 @@ def plan_stages(
 
     Layers come from `ranges`, else `layers_per_stage`, else a parameter-balanced split. Stage 0 owns
     the input embedding (and Gemma4's per-layer-input modules) and the multimodal towers, the last
-    stage the final norm and lm_head; rotary embeddings hold no weights and are kept by every stage.
+    stage the final modules (the norm) and lm_head; rotary embeddings hold no weights and are kept by every stage.
     """
     require_module(model, "plan_stages")
     num_stages = require_int(num_stages, "plan_stages", "num_stages", minimum=1)
@@ -184,15 +172,15 @@ def plan_stages(
     elif len(ranges) != num_stages:
         raise ValueError(f"ranges has {len(ranges)} entries for num_stages={num_stages}")
     dec = _prefix(model, decoder)
-    embed_name, norm_name = _io_names(decoder)
+    embed_name = input_embedding_name(decoder)
     inner = getattr(model, "model", None)
     towers = (
         _present(inner, _prefix(model, inner), MULTIMODAL_SUFFIXES)
         if isinstance(inner, nn.Module) and inner is not decoder
         else []
     )
-    first = _present(decoder, dec, (embed_name, *_STAGE0_DECODER_EXTRAS)) + towers
-    last = _present(decoder, dec, (norm_name,)) + _present(model, "", ("lm_head",))
+    first = _present(decoder, dec, (embed_name, *STAGE0_DECODER_EXTRAS)) + towers
+    last = _present(decoder, dec, final_module_names(decoder)) + _present(model, "", ("lm_head",))
     rotary = _present(decoder, dec, ("rotary_emb",))
     all_layers = [i for i, _ in owned_layers(decoder)]
     plans = []
@@ -212,7 +200,7 @@ def get_stage_plan(
 ) -> list[list[str]]:
     """Module names (dotted paths from `model`) that each of `num_stages` stages owns. Pure: reads only.
 
-    Stage 0 owns the input embedding and multimodal towers, the last stage the final norm and
+    Stage 0 owns the input embedding and multimodal towers, the last stage the final modules and
     lm_head; rotary embeddings hold no weights and appear in every stage. Works on meta models.
     """
     return [list(plan.owned) for plan in plan_stages(model, num_stages, layers_per_stage=layers_per_stage)]

@@ -7,6 +7,8 @@ from torch import nn
 from ._args import require_int, require_module
 from .introspect import get_decoder, get_text_config, is_vlm, model_type
 from .mask_cache import _MASK_FUNCTIONS
+from .patch import DecoderContract, _forwards_for, _handle_of
+from .probe import probe_stage_path
 from .run_layers import stage_layer_types
 
 
@@ -22,11 +24,22 @@ def _tied(model: nn.Module) -> bool:
     return embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", object())
 
 
+def _contract_holds(decoder: nn.Module) -> bool:
+    """Whether the transformers pieces the stage forwards call still match (see patch.DecoderContract)."""
+    try:
+        DecoderContract(decoder)(None)
+    except RuntimeError:  # contract drift is not a model problem: patching raises it, naming the version
+        return False
+    return True
+
+
 def get_pipeline_problems(model: nn.Module, *, num_stages: int | None = None) -> list[str]:
     """Everything that stops `model` from being pipelined (empty list = compatible).
 
     Never raises for a model: what is wrong with it is a problem in the list. A `num_stages` that is
-    not an int (or None) raises TypeError naming it.
+    not an int (or None) raises TypeError naming it. When the structural checks pass and the weights
+    are materialised (not meta) and not yet patched, a probe (probe.py) runs a short token sequence
+    through the unsplit forward and through the stage path and lists any disagreement.
     """
     if num_stages is not None:
         num_stages = require_int(num_stages, "get_pipeline_problems", "num_stages")
@@ -95,6 +108,10 @@ def get_pipeline_problems(model: nn.Module, *, num_stages: int | None = None) ->
                     f"Gemma4 KV sharing (num_kv_shared_layers={decoder.config.num_kv_shared_layers}) crosses "
                     "stage boundaries; use num_kv_shared_layers=0 to pipeline this model"
                 )
+    if not problems and _handle_of(model) is None and _contract_holds(decoder):
+        found = probe_stage_path(model, _forwards_for(model, decoder)[0])
+        if found is not None:
+            problems.append(found)
     return problems
 
 
