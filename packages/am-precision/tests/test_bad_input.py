@@ -252,6 +252,89 @@ CASES: list[tuple[str, str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ),
 ]
 
+
+def _recipe_ok(v: Any) -> bool:
+    return (isinstance(v, str) and v in ap.FP8_RECIPES) or type(v) is object  # any other object: a TE recipe
+
+
+def _names_ok(v: Any) -> bool:
+    return (
+        isinstance(v, (list, tuple, dict))
+        and not isinstance(v, str)
+        and all(isinstance(s, str) and s and "" not in s.split(".") for s in v)
+    )
+
+
+def _tiny_linear_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(16, 16))
+    return model
+
+
+def _enter(context: Any) -> None:
+    with context:
+        pass
+
+
+CASES += [
+    ("build_fp8_recipe", "recipe", lambda v: ap.build_fp8_recipe(v), _recipe_ok),
+    ("te_fp8_autocast", "recipe", lambda v: ap.te_fp8_autocast(v), _recipe_ok),
+    ("te_fp8_autocast", "enabled", lambda v: ap.te_fp8_autocast(enabled=v), lambda v: isinstance(v, bool)),
+    ("plan_te_linear", "model", lambda v: ap.plan_te_linear(v), lambda v: False),
+    (
+        "plan_te_linear",
+        "recipe",
+        lambda v: ap.plan_te_linear(_tiny_linear_model(), recipe=v, linear_cls=ap.ReferenceTELinear),
+        _recipe_ok,
+    ),
+    (
+        "plan_te_linear",
+        "skip",
+        lambda v: ap.plan_te_linear(_tiny_linear_model(), skip=v, linear_cls=ap.ReferenceTELinear),
+        _names_ok,
+    ),
+    (
+        "plan_te_linear",
+        "include_lm_head",
+        lambda v: ap.plan_te_linear(_tiny_linear_model(), include_lm_head=v, linear_cls=ap.ReferenceTELinear),
+        lambda v: isinstance(v, bool),
+    ),
+    (
+        "inject_te_linear",
+        "linear_cls",
+        lambda v: ap.inject_te_linear(_tiny_linear_model(), linear_cls=v),
+        lambda v: v is None or callable(v),
+    ),
+    ("inject_te_linear", "model", lambda v: ap.inject_te_linear(v), lambda v: False),
+    ("remove_te_linear", "model", lambda v: ap.remove_te_linear(v), lambda v: False),
+    ("get_plain_state_dict", "model", lambda v: ap.get_plain_state_dict(v), lambda v: False),
+    (
+        "iter_microbatches",
+        "microbatches",
+        lambda v: list(ap.iter_microbatches(v)),
+        lambda v: (
+            isinstance(v, (list, dict, torch.Tensor)) and not (isinstance(v, torch.Tensor) and v.dim() == 0)
+        ),
+    ),
+    (
+        "ReferenceTELinear",
+        "in_features",
+        lambda v: ap.ReferenceTELinear(v, 16, device="cpu"),
+        _positive_int,
+    ),
+    (
+        "ReferenceTELinear",
+        "bias",
+        lambda v: ap.ReferenceTELinear(16, 16, bias=v, device="cpu"),
+        lambda v: isinstance(v, bool),
+    ),
+    (
+        "reference_fp8_autocast",
+        "enabled",
+        lambda v: _enter(ap.reference_fp8_autocast(v)),
+        lambda v: isinstance(v, bool),
+    ),
+]
+
 _CHOICES = {
     # "te" is valid too (without transformer-engine it is an ImportError with the install line).
     "attn": ("te", "sdpa", "flex", "eager", "tilelang"),

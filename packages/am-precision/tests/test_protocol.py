@@ -59,3 +59,27 @@ def test_contract_drift_raises_naming_function_and_version(fake_te, monkeypatch)
     assert not am_precision.te_lazy._default_patcher.applied
     assert vars(fake_te.te.Linear)["forward"] is drifted
     assert patch_name(vars(fake_te.te.GroupedLinear).get("forward")) is None  # all-or-nothing
+
+
+def test_inject_te_linear_contract_drift_names_function_and_version(fake_te, monkeypatch):
+    import torch
+    import transformers
+
+    from am_precision import te_linear
+
+    def drifted(self, inp, fp8_output=False):
+        return inp
+
+    monkeypatch.setattr(te_linear, "TE_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(fake_te.te.Linear, "forward", drifted)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config)
+    before = dict(model.named_modules())
+    with pytest.raises(
+        RuntimeError, match=r"Linear\.forward.*is_first_microbatch.*transformer_engine 0\.0-fake"
+    ):
+        am_precision.inject_te_linear(model)
+    assert dict(model.named_modules()) == before and not am_precision.remove_te_linear(model)
+    assert isinstance(model.lm_head.weight, torch.nn.Parameter)

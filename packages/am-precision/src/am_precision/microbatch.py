@@ -7,6 +7,11 @@ with `from ... import` would be a stale copy.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
 _is_first_microbatch: bool | None = None
 _is_optim_step: bool = False
 
@@ -37,4 +42,26 @@ def get_is_optim_step() -> bool:
     return _is_optim_step
 
 
-__all__ = ["get_is_first_microbatch", "get_is_optim_step", "set_is_first_microbatch", "set_is_optim_step"]
+def iter_microbatches(microbatches: Iterable[T]) -> Iterator[T]:
+    """Yield each microbatch of one optimizer step with the first-microbatch flag set (True, then False).
+
+    TE Linears (swapped in by `inject_te_linear`) then quantize and cache their FP8 weights on the first
+    microbatch and reuse them on the rest; the flag is reset to None when the loop ends or breaks.
+    """
+    if isinstance(microbatches, (str, bytes)) or not isinstance(microbatches, Iterable):
+        raise TypeError(f"microbatches must be an iterable of batches, got {type(microbatches).__name__}")
+    try:
+        for index, batch in enumerate(microbatches):
+            set_is_first_microbatch(index == 0)
+            yield batch
+    finally:
+        set_is_first_microbatch(None)
+
+
+__all__ = [
+    "get_is_first_microbatch",
+    "get_is_optim_step",
+    "iter_microbatches",
+    "set_is_first_microbatch",
+    "set_is_optim_step",
+]
