@@ -17,10 +17,15 @@ __all__ = ["ReferenceDotProductAttention"]
 
 _FORMATS = ("bshd", "sbhd", "thd")
 _MASK_TYPES = ("causal", "no_mask", "padding_causal", "padding")
+_SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")
 
 
 class ReferenceDotProductAttention(torch.nn.Module):
-    """Exact attention (fp32-accurate on CPU) with TE's arguments; no parameters, no state."""
+    """Exact attention (fp32-accurate on CPU) with TE's arguments; no state.
+
+    Like TE, `softmax_type="learnable"` gives it a `softmax_offset` parameter (one sink logit per head, an
+    extra softmax-denominator term exp(offset_h)), and "off-by-one" a zero offset.
+    """
 
     def __init__(
         self,
@@ -32,6 +37,7 @@ class ReferenceDotProductAttention(torch.nn.Module):
         attn_mask_type: str = "causal",
         window_size: tuple[int, int] | None = None,
         softmax_scale: float | None = None,
+        softmax_type: str = "vanilla",
     ) -> None:
         super().__init__()
         num_attention_heads = _positive_int("num_attention_heads", num_attention_heads)
@@ -55,6 +61,7 @@ class ReferenceDotProductAttention(torch.nn.Module):
             window_size = _window("window_size", window_size)
         _choice("qkv_format", qkv_format, _FORMATS)
         _choice("attn_mask_type", attn_mask_type, _MASK_TYPES)
+        _choice("softmax_type", softmax_type, _SOFTMAX_TYPES)
         groups = num_attention_heads if num_gqa_groups is None else num_gqa_groups
         if num_attention_heads % groups:
             raise ValueError(
@@ -68,6 +75,14 @@ class ReferenceDotProductAttention(torch.nn.Module):
         self.attn_mask_type = attn_mask_type
         self.window_size = (-1, 0) if window_size is None else tuple(window_size)
         self.softmax_scale = 1.0 / math.sqrt(kv_channels) if softmax_scale is None else float(softmax_scale)
+        self.softmax_type = softmax_type
+        self.softmax_offset: torch.Tensor | None
+        if softmax_type == "learnable":
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(num_attention_heads))
+        elif softmax_type == "off-by-one":
+            self.register_buffer("softmax_offset", torch.zeros(num_attention_heads), persistent=False)
+        else:
+            self.softmax_offset = None
 
     def forward(
         self,
@@ -108,18 +123,21 @@ class ReferenceDotProductAttention(torch.nn.Module):
         causal = mask_type == "causal"
         sq, sk = q.shape[-2], k.shape[-2]
         mask = None
-        if causal and (window[0] >= 0 or sq != sk):
+        if causal and (window[0] >= 0 or sq != sk or self.softmax_offset is not None):
             mask = _band(sq, sk, window, q.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=causal and mask is None,
-            scale=self.softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        if self.softmax_offset is not None:
+            out = attention_with_sinks(q, k, v, mask, self.softmax_offset, self.softmax_scale, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal and mask is None,
+                scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         if fmt == "sbhd":
             return out.permute(2, 0, 1, 3).flatten(2)
         return out.transpose(1, 2).flatten(2)
@@ -142,17 +160,54 @@ class ReferenceDotProductAttention(torch.nn.Module):
         mask = mask | (
             ~valid_q[:, None] & (pos[:, None] == torch.arange(k.shape[0], device=q.device)[None, :])
         )
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            dropout_p=dropout,
-            scale=self.softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )[0].transpose(0, 1)
+        qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if self.softmax_offset is not None:
+            out = attention_with_sinks(qh, kh, vh, mask, self.softmax_offset, self.softmax_scale, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )  # fmt: skip
+        out = out[0].transpose(0, 1)
         out = torch.where(valid_q[:, None, None], out, torch.zeros_like(out))
         return out.flatten(1)
+
+
+def attention_with_sinks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA on [B, H, S, D] inputs with one sink logit per query head added to the softmax denominator.
+
+    The sink is a key of zeros (logit 0) whose additive mask entry is the sink, with a value of zeros, so it
+    takes probability mass without contributing to the output: exactly softmax over [logits, sink] with the
+    sink column dropped, as HF's eager sink attention computes it. `mask`: bool (True = attend), additive
+    float, or None; broadcastable to [B, H, Sq, Sk]. K/V may have fewer (grouped) heads.
+    """
+    batch, heads, sq, dim = query.shape
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    sk = key.shape[2]
+    dtype = query.dtype
+    if mask is None:
+        additive = query.new_zeros(1, 1, sq, sk)
+    elif mask.dtype == torch.bool:
+        additive = torch.zeros(mask.shape, dtype=dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    else:
+        additive = mask.to(dtype)
+    additive = additive.expand(batch, heads, sq, sk)
+    sink = sinks.to(device=query.device, dtype=dtype).view(1, heads, 1, 1).expand(batch, heads, sq, 1)
+    key = torch.cat([key, key.new_zeros(batch, heads, 1, dim)], dim=2)
+    value = torch.cat([value, value.new_zeros(batch, heads, 1, value.shape[-1])], dim=2)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=torch.cat([additive, sink], dim=-1), dropout_p=dropout, scale=scale
+    )
 
 
 def _band(sq: int, sk: int, window: tuple[int, int], device: torch.device) -> torch.Tensor:

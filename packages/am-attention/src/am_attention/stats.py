@@ -18,6 +18,8 @@ STAT_KEYS: tuple[str, ...] = (
     "fallback_dropout",
     "fallback_window_mismatch",
     "fallback_shape",
+    "fallback_inputs",
+    "fallback_sinks",
     "fallback_not_injected",
 )
 

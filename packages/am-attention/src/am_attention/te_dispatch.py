@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import stats
+from .reference import _band, attention_with_sinks
 from .te_masks import (
     PackedInfo,
     classify_mask_cached,
@@ -33,6 +34,19 @@ from .te_params import window_of
 
 KERNEL_ATTR = "attn_module"  # the seed's name: tools detect TE attention by this attribute
 PARAMS_ATTR = "_am_te_params"
+
+
+# Tensor keywords the "te" backend reads (boundaries, positions) or takes (sinks); any other tensor a forward
+# hands its attention function (a relative position bias, ...) changes the attention in a way the kernel
+# cannot reproduce.
+KNOWN_TENSOR_KWARGS = frozenset({"position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "s_aux"})
+
+
+def unknown_tensor_kwargs(kwargs: dict[str, Any]) -> list[str]:
+    """Names of the tensor keywords of an attention call that the kernel path does not know."""
+    return sorted(
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in KNOWN_TENSOR_KWARGS
+    )
 
 
 class _Layout(NamedTuple):
@@ -94,7 +108,9 @@ def _layout(query, key, attention_mask, kwargs, causal: bool, left: int) -> _Lay
         if source is not None:
             return _Layout("docs", source, info)
         return _Layout("causal" if causal and query.shape[2] > 1 else "no_mask")
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or not causal or key.shape[2] != query.shape[2]:
+    # a 4D mask decides the pattern whatever `is_causal` says (an eager-built decoder may flag its causal
+    # self-attention non-causal and rely on the mask alone)
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or key.shape[2] != query.shape[2]:
         return _Layout("mask")
     canonical = classify_mask_cached(mask, (left, 0))
     if source is None:
@@ -117,6 +133,13 @@ def _blocker(kernel, params, query, key, dropout, scaling, kwargs) -> str:
     runtime_window = kwargs.get("sliding_window")
     if runtime_window is not None and params.window_size[0] != runtime_window - 1:
         return "fallback_window_mismatch"
+    if unknown_tensor_kwargs(kwargs):
+        return "fallback_inputs"  # e.g. a relative position bias added to the logits
+    s_aux = kwargs.get("s_aux")
+    if (s_aux is None) != (params.sinks is None):
+        return "fallback_sinks"
+    if s_aux is not None and getattr(kernel, "softmax_offset", None) is not s_aux:
+        return "fallback_sinks"  # the module's sinks were replaced after injection
     _, heads, seq, _ = query.shape
     kv_heads = key.shape[1]
     if key.shape[2] != seq or heads != params.num_heads:
@@ -143,6 +166,12 @@ def dispatch(
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     left = _left_window(module, params, kwargs)
     layout = _layout(query, key, attention_mask, kwargs, causal, left)
+    if (
+        layout.pattern in ("causal", "docs")
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.ndim == 4
+    ):
+        causal = True  # the mask was matched against the causal (block-causal) pattern
     reason = _blocker(kernel, params, query, key, dropout, scaling, kwargs)
     if not reason and layout.pattern == "mask":
         reason = "fallback_mask"
@@ -155,6 +184,10 @@ def dispatch(
             return _run_thd(kernel, params, query, key, value, layout.info, causal), None
         return _run_bshd(kernel, params, query, key, value, layout.pattern), None
     stats.count(reason)
+    if kwargs.get("s_aux") is not None:  # transformers' SDPA has no sinks: computed here, exactly
+        return _sinks_fallback(
+            query, key, value, attention_mask, layout, causal, left, dropout, scaling, kwargs
+        )
     if layout.pattern != "docs":
         return sdpa(
             module,
@@ -178,6 +211,27 @@ def dispatch(
     if kind != "position_ids":  # padding tokens come out as zeros, as from the THD kernel
         out = out * valid[:, :, None, None].to(out.dtype)
     return out, weights
+
+
+def _sinks_fallback(query, key, value, attention_mask, layout, causal, left, dropout, scaling, kwargs):
+    """Attention with learnable sinks (`s_aux`, one logit per head) over the pattern the call asks for."""
+    batch, _, seq, head_dim = query.shape
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    valid = None
+    if layout.pattern == "docs":
+        kind, source = layout.source
+        seg, valid = document_segments(kind, source, batch, seq)
+        mask = document_mask(seg, valid, causal, left)
+    elif layout.pattern == "mask":
+        mask = attention_mask[..., : key.shape[2]] if isinstance(attention_mask, torch.Tensor) else None
+    elif layout.pattern == "causal":
+        mask = _band(seq, key.shape[2], (left, 0), query.device)
+    else:
+        mask = None
+    out = attention_with_sinks(query, key, value, mask, kwargs["s_aux"], scale, dropout).transpose(1, 2)
+    if valid is not None and layout.source[0] != "position_ids":
+        out = out * valid[:, :, None, None].to(out.dtype)
+    return out.contiguous(), None
 
 
 def _run_bshd(kernel, params, query, key, value, mask_type: str) -> torch.Tensor:

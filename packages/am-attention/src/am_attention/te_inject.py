@@ -126,9 +126,10 @@ def _kernel_factory(cls: Any) -> Callable[..., Any]:
     return cls
 
 
-def _make_kernel(cls: Callable[..., Any], params: AttnParams) -> Any:
+def _make_kernel(cls: Callable[..., Any], params: AttnParams, module: torch.nn.Module) -> Any:
     # Built without dropout: a call that asks for dropout falls back to SDPA (counted), which keeps
     # the kernel's numerics independent of its own train/eval flag (it is not a registered submodule).
+    sinks = {} if params.sinks is None else {"softmax_type": "learnable"}
     kernel = cls(
         num_attention_heads=params.num_heads,
         kv_channels=params.head_dim,
@@ -138,9 +139,18 @@ def _make_kernel(cls: Callable[..., Any], params: AttnParams) -> Any:
         attn_mask_type="causal",
         window_size=params.window_size,
         softmax_scale=params.softmax_scale,
+        **sinks,
     )
     if not callable(kernel):
         raise TypeError(f"dot_product_attention_cls {cls!r} returned {kernel!r}, not a callable kernel")
+    if params.sinks is not None:
+        # the kernel's learnable offset *is* the module's sink parameter: trained, saved and loaded with it
+        if not isinstance(getattr(kernel, "softmax_offset", None), torch.nn.Parameter):
+            raise TypeError(
+                f"dot_product_attention_cls {cls!r} built with softmax_type='learnable' has no softmax_offset "
+                "parameter to hold the module's sinks"
+            )
+        kernel.softmax_offset = getattr(module, params.sinks)
     return kernel
 
 
@@ -177,6 +187,18 @@ def _configs_for(
             vars(parent).update(subs)
             copies[id(config)] = parent
     return copies
+
+
+def _follows(config: Any) -> bool:
+    """Whether the modules that share a taken module's config switch to "te" with it.
+
+    "te" builds SDPA's masks, which may be None where a causal mask was asked for (transformers relies on
+    each SDPA module's `is_causal` then). A model built for eager attention never promised that its layers
+    read such masks right (BigBird-Pegasus' decoder is not `is_causal` and gets its causal mask from the
+    mask builder), so there only the taken modules switch: the rest, mask builders included, keep eager, and
+    the kernel reads eager's explicit masks.
+    """
+    return getattr(config, "_attn_implementation", None) != "eager"
 
 
 def _apply(handle: PatchSet, records: list[_Record]) -> None:
@@ -218,7 +240,7 @@ def inject_te_attention_into_module(
         return True
     if has_foreign_kernel(module) or getattr(module, "config", None) is None:
         return False
-    decision = decide(module)
+    decision = decide(module, cls)
     if decision.params is None:
         return False
     if decision.reason:
@@ -239,7 +261,9 @@ def inject_te_attention_into_module(
 def _module_patches(module, cls, decision, te_config) -> list[Patch]:
     contract = None if decision.error is None else functools.partial(_raise, decision.error)
     return [
-        _InstanceDictPatch(module, KERNEL_ATTR, _make_kernel(cls, decision.params), contract=contract),
+        _InstanceDictPatch(
+            module, KERNEL_ATTR, _make_kernel(cls, decision.params, module), contract=contract
+        ),
         _InstanceDictPatch(module, PARAMS_ATTR, decision.params),
         _InstanceDictPatch(module, "config", te_config),
     ]
@@ -277,6 +301,7 @@ def inject_te_attention(
         raise RuntimeError(f"{type(model).__name__} is flagged {MODEL_FLAG} but carries no injection record")
     taken: list[str] = []
     chosen: list[tuple[torch.nn.Module, Any]] = []
+    broken: list[tuple[str, torch.nn.Module, Any]] = []
     for name, module in model.named_modules():
         if not is_candidate(module) or getattr(module, "config", None) is None:
             continue
@@ -285,14 +310,24 @@ def inject_te_attention(
             continue
         if has_foreign_kernel(module):
             continue
-        decision = decide(module)
+        decision = decide(module, cls)
         if decision.params is None:
             continue
         if decision.reason:
             warnings.warn(f"TE attention skips {name}: {decision.reason}", UserWarning, stacklevel=2)
             continue
+        if decision.error is not None:
+            broken.append((name, module, decision))
+            continue
         taken.append(name)
         chosen.append((module, decision))
+    if chosen or taken:
+        # one submodule whose private contract does not hold (a VLM's vision attention) keeps its attention
+        for name, _, decision in broken:
+            warnings.warn(f"TE attention skips {name}: refused: {decision.error}", UserWarning, stacklevel=2)
+    else:  # nothing else to take: the broken contract is the answer, raised before any change
+        taken.extend(name for name, _, _ in broken)
+        chosen.extend((module, decision) for _, module, decision in broken)
     earlier = _records(model)  # injected before: the handle covers them too, as remove_te_attention does
     field_patches: list[Patch] = []
     copies = _configs_for(model, (m.config for m, _ in chosen), field_patches)
@@ -304,7 +339,7 @@ def inject_te_attention(
         own: list[Patch] = []
         if id(module) in kernels:
             own = _module_patches(module, cls, kernels[id(module)], copies[id(config)])
-        elif config is not None and id(config) in copies and not is_injected(module):
+        elif config is not None and id(config) in copies and not is_injected(module) and _follows(config):
             own = [_InstanceDictPatch(module, "config", copies[id(config)])]
         if module is model and chosen:
             own.append(Patch(model, MODEL_FLAG, True))

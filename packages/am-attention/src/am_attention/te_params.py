@@ -22,6 +22,7 @@ class AttnParams:
     head_dim: int
     window_size: tuple[int, int]
     softmax_scale: float
+    sinks: str | None = None  # name of the module's parameter the forward passes as `s_aux` (learnable sinks)
 
 
 def _proj_features(proj: torch.nn.Module | None, attr: str, dim: int) -> int | None:
@@ -65,12 +66,28 @@ def _int_attr(obj: object, *names: str) -> int | None:
     return None
 
 
+def layer_type_of(module: torch.nn.Module) -> str | None:
+    """The module's entry of its config's `layer_types` (indexed by its `layer_idx`); None without one."""
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if not isinstance(types, (list, tuple)) or isinstance(index, bool) or not isinstance(index, int):
+        return None
+    if not 0 <= index < len(types) or not isinstance(types[index], str):
+        return None
+    return types[index]
+
+
 def window_of(module: torch.nn.Module) -> tuple[int, int] | None:
     """TE window for the module's sliding window W: (W-1, 0); (-1, 0) when the layer attends to all keys.
 
-    The module's own `sliding_window` attribute wins (Qwen2/Gemma3 set it per layer, None on full
-    layers); without it the config's (Mistral reads `config.sliding_window` at call time).
+    The layer's entry of `config.layer_types` decides first: "full_attention" attends to all keys even
+    when the module keeps the config's window (Exaone 4 stores it on every layer and passes it only on
+    sliding ones). Otherwise the module's own `sliding_window` attribute wins (Qwen2/Gemma3 set it per
+    layer, None on full layers); without it the config's (Mistral reads `config.sliding_window` at call time).
     """
+    layer_type = layer_type_of(module)
+    if layer_type == "full_attention":
+        return (-1, 0)
     if "sliding_window" in vars(module) or hasattr(type(module), "sliding_window"):
         window = module.sliding_window
     else:

@@ -1,13 +1,15 @@
 """Which attention modules of a model can take the kernel, and why not; pure (nothing is changed).
 
 A module is decided by its layout (`te_params.check_attention_module`, read off the module) and by its
-forward's behaviour (`te_probe.check_dispatch`, one probe per attention class and window, cached). A broken
-private contract (a forward that drops ``**kwargs`` or ``sliding_window``, a ``repeat_kv`` with another
-layout) is not a reason to skip: it is kept as the error that `inject_te_attention` raises in its first phase.
+forward's behaviour (`te_probe.check_dispatch`, one probe per attention class and kind of layer, cached). A
+broken private contract (a forward that drops ``**kwargs`` or ``sliding_window``, a ``repeat_kv`` with another
+layout) is kept as the error that `inject_te_attention` raises in its first phase when no other module of the
+model can be taken; otherwise only that module is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import logging
@@ -19,7 +21,7 @@ import torch
 
 from ._contract import contract_error, require_parameters, require_result
 from .te_dispatch import KERNEL_ATTR, PARAMS_ATTR
-from .te_params import AttnParams, check_attention_module
+from .te_params import AttnParams, check_attention_module, layer_type_of
 from .te_probe import check_dispatch
 
 __all__ = ["plan_te_attention"]
@@ -87,13 +89,16 @@ def _repeat_kv_contract(repeat_kv: Any, what: str) -> None:
     )
 
 
-# Verdicts per (class, its forward, its modeling module's repeat_kv, window, config class): one probe per class.
-_VERDICTS: dict[tuple[Any, ...], tuple[str, RuntimeError | None]] = {}
+# Verdicts per (class, its forward, its modeling module's repeat_kv, window, config class, layer type, own
+# parameter names): one probe per kind of layer of a class (a sliding layer with sinks and a full one without
+# them, as in MiMo-V2-Flash, are probed apart).
+_VERDICTS: dict[tuple[Any, ...], tuple[str, str | None, RuntimeError | None]] = {}
 
 
-def _verdict(module: torch.nn.Module, params: AttnParams) -> tuple[str, RuntimeError | None]:
-    """("", None) when the forward hands the kernel what it needs, (why not, None) when it keeps SDPA, or
-    ("", error) when a private contract it relies on broke."""
+def _verdict(module: torch.nn.Module, params: AttnParams) -> tuple[str, str | None, RuntimeError | None]:
+    """("", sinks, None) when the forward hands the kernel what it needs (`sinks`: the name of the parameter it
+    passes as `s_aux`, or None), (why not, None, None) when it keeps SDPA, or ("", None, error) when a private
+    contract it relies on broke."""
     cls = type(module)
     source = sys.modules.get(cls.__module__)
     repeat_kv = vars(source).get("repeat_kv") if source is not None else None
@@ -103,39 +108,71 @@ def _verdict(module: torch.nn.Module, params: AttnParams) -> tuple[str, RuntimeE
         repeat_kv,
         params.window_size,
         type(getattr(module, "config", None)),
+        layer_type_of(module),
+        tuple(name for name, _ in module.named_parameters(recurse=False)),
     )
     verdict = _VERDICTS.get(key)
     if verdict is None:
         try:
-            skip = check_dispatch(module, params)
+            skip, sinks = check_dispatch(module, params)
             if not skip and repeat_kv is not None:
                 _repeat_kv_contract(repeat_kv, f"{cls.__module__}.repeat_kv")
-            verdict = (skip, None)
+            verdict = (skip, sinks, None)
         except RuntimeError as exc:
-            verdict = ("", exc)
+            verdict = ("", None, exc)
         _VERDICTS[key] = verdict
     return verdict
 
 
-def decide(module: torch.nn.Module) -> Decision:
-    """Layout first (pure), then the forward's behaviour (probed once per class)."""
+def sinks_reason(cls: Any) -> str:
+    """ "" when the kernel class takes learnable sinks (TE's ``softmax_type="learnable"``), else why not."""
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return f"sinks: the signature of {cls!r} cannot be read, so learnable sinks cannot be asked for"
+    if "softmax_type" in parameters:
+        return ""
+    return (
+        f"sinks: {getattr(cls, '__qualname__', cls)} takes no softmax_type, so it cannot add learnable sinks"
+    )
+
+
+def decide(module: torch.nn.Module, kernel_cls: Any = None) -> Decision:
+    """Layout first (pure), then the forward's behaviour (probed once per class), then whether the kernel
+    class (`kernel_cls`, default: `default_dot_product_attention_cls()`) takes the sinks the layer has."""
     params, reason = check_attention_module(module)
     if params is None:
         return Decision(None, reason)
-    skip, error = _verdict(module, params)
-    return Decision(params, skip, error)
+    skip, sinks, error = _verdict(module, params)
+    if sinks is None:
+        return Decision(params, skip, error)
+    params = dataclasses.replace(params, sinks=sinks)
+    cls = default_dot_product_attention_cls() if kernel_cls is None else kernel_cls
+    return Decision(params, skip or sinks_reason(cls), error)
 
 
 def _taken_reason(module: torch.nn.Module, params: AttnParams) -> str:
     if params.window_size[0] >= 0:
-        return f"causal, sliding window {params.window_size[0] + 1}"
-    return "causal" if getattr(module, "is_causal", True) else "no_mask"
+        reason = f"causal, sliding window {params.window_size[0] + 1}"
+    else:
+        reason = "causal" if getattr(module, "is_causal", True) else "no_mask"
+    return f"{reason}, learnable sinks ({params.sinks})" if params.sinks else reason
 
 
-def plan_te_attention(model: torch.nn.Module) -> list[tuple[str, bool, str]]:
-    """For each attention-like module: `(name, taken, reason)`; pure (the model is not changed)."""
+def plan_te_attention(
+    model: torch.nn.Module, *, dot_product_attention_cls: Callable[..., torch.nn.Module] | None = None
+) -> list[tuple[str, bool, str]]:
+    """For each attention-like module: `(name, taken, reason)`; pure (the model is not changed).
+
+    `dot_product_attention_cls` is the kernel class `inject_te_attention` would get (it decides whether
+    layers with learnable sinks can be taken); default: transformer-engine's, else the SDPA reference.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {model!r}")
+    if dot_product_attention_cls is not None and not callable(dot_product_attention_cls):
+        raise TypeError(
+            f"dot_product_attention_cls must be a class or callable, got {dot_product_attention_cls!r}"
+        )
     plan: list[tuple[str, bool, str]] = []
     for name, module in model.named_modules():
         if not is_candidate(module):
@@ -146,10 +183,10 @@ def plan_te_attention(model: torch.nn.Module) -> list[tuple[str, bool, str]]:
         if has_foreign_kernel(module):
             plan.append((name, False, f"already has {KERNEL_ATTR}"))
             continue
-        decision = decide(module)
+        decision = decide(module, dot_product_attention_cls)
         if decision.params is None:
             plan.append((name, False, decision.reason))
-        elif decision.error is not None:  # inject_te_attention raises this before changing anything
+        elif decision.error is not None:  # raised by inject_te_attention when nothing else can be taken
             plan.append((name, False, f"refused: {decision.error}"))
         elif decision.reason:
             plan.append((name, False, decision.reason))

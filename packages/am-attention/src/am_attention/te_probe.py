@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 import torch
 
 from ._contract import contract_error, qualified_name, require_parameters, transformers_version
-from .te_backend import _interfaces
+from .te_backend import _interfaces, te_attention_forward
+from .te_dispatch import unknown_tensor_kwargs
 from .te_params import AttnParams, proj_in_features
 
 __all__ = ["check_dispatch", "selecting_config"]
@@ -178,8 +179,13 @@ def _not_dispatched(module: torch.nn.Module, what: str) -> str:
     return _skip(what, "does not dispatch through transformers' attention interface")
 
 
-def check_dispatch(module: torch.nn.Module, params: AttnParams) -> str:
-    """Empty when `module`'s forward hands the "te" backend what it relies on, else why the module keeps SDPA.
+# Parameters through which a forward takes the keys/values of other states (cross-attention).
+_CROSS_STATES = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+
+
+def check_dispatch(module: torch.nn.Module, params: AttnParams) -> tuple[str, str | None]:
+    """`(why the module keeps SDPA or "", sinks)`: whether `module`'s forward hands the "te" backend what it
+    relies on, and the name of the module's parameter it passes as `s_aux` (learnable attention sinks), if any.
 
     Raises a contract error when the forward reaches the attention interface but drops its
     ``**kwargs`` or, on a windowed layer, ``sliding_window``: the kernel would then run without the
@@ -189,7 +195,15 @@ def check_dispatch(module: torch.nn.Module, params: AttnParams) -> str:
     sig = require_parameters(getattr(type(module), "forward", None), (), what)
     config = getattr(module, "config", None)
     if config is None:
-        return "config: module has no config to select the 'te' backend"
+        return "config: module has no config to select the 'te' backend", None
+    cross = [p for p in _CROSS_STATES if p in sig.parameters]
+    if cross and getattr(module, "is_causal", True) is False:
+        # the same module runs as self- or cross-attention depending on its caller: nothing in it says which
+        return (
+            f"cross-attention: {what} takes {cross[0]} (keys from other states) and is not causal; "
+            "the kernel path takes causal self-attention only",
+            None,
+        )
     var_keyword = next(
         (p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
     )
@@ -200,9 +214,9 @@ def check_dispatch(module: torch.nn.Module, params: AttnParams) -> str:
             received = _probe(module, probe_config, sig, params.head_dim, sentinel)
         except Exception as exc:  # the forward cannot be shown to dispatch, so the module keeps SDPA
             first_line = next(iter(str(exc).splitlines()), "")
-            return _skip(what, f"failed on a probe input ({type(exc).__name__}: {first_line})")
+            return _skip(what, f"failed on a probe input ({type(exc).__name__}: {first_line})"), None
     if received is None:
-        return _not_dispatched(module, what)
+        return _not_dispatched(module, what), None
     if var_keyword is None:
         raise contract_error(
             what, f"no longer accepts **kwargs {sig}, so position_ids/sliding_window cannot reach the backend"
@@ -210,7 +224,36 @@ def check_dispatch(module: torch.nn.Module, params: AttnParams) -> str:
     if received.get(_SENTINEL_KWARG) is not sentinel:
         raise contract_error(what, f"no longer passes **{var_keyword} on to the attention interface")
     _check_window(what, params, received.get("sliding_window"))
-    return ""
+    passed = received.get("sliding_window")
+    if params.window_size[0] < 0 and isinstance(passed, int) and not isinstance(passed, bool):
+        return f"window: {what} passes sliding_window={passed} on a layer that attends to all keys", None
+    named = set(
+        inspect.signature(te_attention_forward).parameters
+    )  # bound to parameters, not **kwargs, there
+    extra = unknown_tensor_kwargs(
+        {k: v for k, v in received.items() if k != _SENTINEL_KWARG and k not in named}
+    )
+    if extra:
+        return (
+            f"inputs: {what} passes {', '.join(extra)} to the attention function, which the kernel does not take",
+            None,
+        )
+    return _sinks(module, params, received.get("s_aux"))
+
+
+def _sinks(module: torch.nn.Module, params: AttnParams, s_aux: Any) -> tuple[str, str | None]:
+    """The module's parameter passed as `s_aux`: one sink logit per query head, taken by a learnable softmax."""
+    if s_aux is None:
+        return "", None
+    name = next((n for n, p in module.named_parameters(recurse=False) if p is s_aux), None)
+    if name is None:
+        return "sinks: s_aux is not a parameter of the module, so the kernel cannot hold it", None
+    if tuple(s_aux.shape) != (params.num_heads,):
+        return (
+            f"sinks: s_aux of shape {tuple(s_aux.shape)}, expected one per query head ({params.num_heads})",
+            None,
+        )
+    return "", name
 
 
 def _check_window(what: str, params: AttnParams, passed: Any) -> None:
