@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class Path_:
     feed: str  # "native": position_ids only; "indexed": our indexed mask + position_ids; "padded"
     liger: bool = False
     compile: bool = False
+    fp8: bool = False  # am-precision's TE Linear swap + FP8 autocast (current scaling)
     baseline: bool = False
 
     def describe(self) -> str:
@@ -72,7 +74,15 @@ class Path_:
             "indexed": "am-packing indexed mask",
             "padded": "length-grouped padding",
         }[self.feed]
-        extras = [x for x, on in (("Liger", self.liger), ("torch.compile per layer", self.compile)) if on]
+        extras = [
+            x
+            for x, on in (
+                ("FP8 linears (TE, current scaling)", self.fp8),
+                ("Liger", self.liger),
+                ("torch.compile per layer", self.compile),
+            )
+            if on
+        ]
         return f"{feed}, {self.attn}" + "".join(f" + {x}" for x in extras)
 
 
@@ -89,6 +99,8 @@ PATHS = (
     Path_("ours_te", "te", "indexed"),
     Path_("ours_te_liger", "te", "indexed", liger=True),
     Path_("ours_te_liger_compile", "te", "indexed", liger=True, compile=True),
+    Path_("ours_varlen_liger_fp8", "torch_varlen", "indexed", liger=True, fp8=True),
+    Path_("ours_te_liger_fp8", "te", "indexed", liger=True, fp8=True),
 )
 
 
@@ -208,11 +220,18 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, attn: st
 
 
 @contextlib.contextmanager
-def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[None]:
-    """Apply `path`'s stack in the README's order (Liger, TE, packing) and undo it afterwards."""
+def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[Callable[[], Any]]:
+    """Apply `path`'s stack in the README's order (FP8 linears, Liger, TE attention, packing), yield the
+    context each step runs under (FP8 autocast or nothing) and undo the stack afterwards."""
     import am_packing
 
+    step_context: Callable[[], Any] = contextlib.nullcontext
     with contextlib.ExitStack() as undo:
+        if path.fp8:
+            import am_precision
+
+            undo.enter_context(am_precision.inject_te_linear(model, recipe="current"))
+            step_context = functools.partial(am_precision.te_fp8_autocast, "current")
         if path.liger:
             import am_kernels
 
@@ -232,7 +251,7 @@ def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[None]:
         if path.compile:
             for layer in model.model.layers:
                 layer.compile()
-        yield
+        yield step_context
 
 
 def dynamo_counts() -> tuple[int, int]:
@@ -242,8 +261,12 @@ def dynamo_counts() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), int(counters["stats"]["unique_graphs"])
 
 
-def train_step(model: torch.nn.Module, batch: dict) -> None:
-    model(**batch).loss.backward()
+def train_step(
+    model: torch.nn.Module, batch: dict, context: Callable[[], Any] = contextlib.nullcontext
+) -> None:
+    with context():
+        loss = model(**batch).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -253,12 +276,17 @@ def sync(device: torch.device) -> None:
 
 
 def time_path(
-    model: torch.nn.Module, batches: list[dict], path: Path_, device: torch.device, warmup: int
+    model: torch.nn.Module,
+    batches: list[dict],
+    path: Path_,
+    device: torch.device,
+    warmup: int,
+    context: Callable[[], Any],
 ) -> dict[str, Any]:
     warm_times = []
     for batch in batches[:warmup]:
         t0 = time.perf_counter()
-        train_step(model, feed(batch, path))
+        train_step(model, feed(batch, path), context)
         sync(device)
         warm_times.append(time.perf_counter() - t0)
     if device.type == "cuda":
@@ -267,7 +295,7 @@ def time_path(
     steps = []
     for batch in batches[warmup:]:
         t0 = time.perf_counter()
-        train_step(model, feed(batch, path))
+        train_step(model, feed(batch, path), context)
         sync(device)
         steps.append(time.perf_counter() - t0)
     breaks1, graphs1 = dynamo_counts()
@@ -281,7 +309,13 @@ def time_path(
     }
 
 
-def profile_step(model: torch.nn.Module, batch: dict, device: torch.device, top: int = 12) -> dict[str, Any]:
+def profile_step(
+    model: torch.nn.Module,
+    batch: dict,
+    device: torch.device,
+    context: Callable[[], Any] = contextlib.nullcontext,
+    top: int = 12,
+) -> dict[str, Any]:
     """One step under the profiler: the top kernels by device time, the host ops by self CPU time, and how
     busy the GPU was (kernel time / wall time: below 1 the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
@@ -289,7 +323,7 @@ def profile_step(model: torch.nn.Module, batch: dict, device: torch.device, top:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        train_step(model, batch)
+        train_step(model, batch, context)
         sync(device)
         wall = time.perf_counter() - t0
     events = list(prof.key_averages())
@@ -311,6 +345,12 @@ def profile_step(model: torch.nn.Module, batch: dict, device: torch.device, top:
             for e in host[:top]
         ],
     }
+
+
+def reset_te_stats() -> None:
+    import am_attention
+
+    am_attention.reset_te_attention_stats()
 
 
 def te_kernel(device: torch.device) -> tuple[Any, str]:
@@ -360,35 +400,28 @@ def run_shape(
             flops = model_flops(shape, measured_docs, n_params, n_embedding) / len(measured)
             out["model_params"] = n_params
         try:
-            with stack(model, path, te_cls):
+            with stack(model, path, te_cls) as context:
                 if path.feed == "padded":
                     result = time_padded(model, padded, device)
                     result["tokens_per_s"] = real / result["total_s"]
                 else:
-                    result = time_path(model, batches, path, device, warmup)
+                    reset_te_stats()
+                    result = time_path(model, batches, path, device, warmup, context)
                     result["tokens_per_s"] = (real / len(batches)) / result["step_s_median"]
                     result["mfu"] = flops / result["step_s_median"] / (peak * 1e12)
-                    if device.type == "cuda":
-                        try:
-                            import am_attention
+                    if path.attn == "te":
+                        import am_attention
 
-                            result["te_stats"] = dict(am_attention.get_te_attention_stats())
-                        except Exception as exc:  # stats are informative only; say why they are missing
-                            result["te_stats"] = f"unavailable: {exc}"
-                    result["_model"] = model
+                        result["te_stats"] = dict(am_attention.get_te_attention_stats())
+                    if path.name in PROFILE and device.type == "cuda":
+                        result["profile"] = profile_step(model, feed(batches[-1], path), device, context)
                 result["config"] = path.describe()
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "config": path.describe()}
-        model_ref = result.pop("_model", None)
         out["paths"][path.name] = result
-        print(
-            f"    {json.dumps({k: v for k, v in result.items() if k != 'step_s_all'}, default=str)}",
-            flush=True,
-        )
-        if model_ref is not None and path.name in PROFILE and device.type == "cuda":
-            with stack(model_ref, Path_(path.name, path.attn, path.feed), te_cls):
-                out["paths"][path.name]["profile"] = profile_step(model_ref, feed(batches[-1], path), device)
-        del model, model_ref
+        shown = {k: v for k, v in result.items() if k not in ("step_s_all", "profile")}
+        print(f"    {json.dumps(shown, default=str)}", flush=True)
+        del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -397,7 +430,7 @@ def run_shape(
 
 
 # Paths whose profile is recorded: the strongest baseline and our candidates for the fastest stack.
-PROFILE = {"native_flex_liger", "ours_te_liger_compile", "ours_varlen_liger_compile", "ours_te_liger"}
+PROFILE = {"native_flex_liger", "ours_te_liger", "ours_varlen_liger", "ours_te_liger_fp8"}
 
 
 def time_padded(model: torch.nn.Module, batches: list[dict], device: torch.device) -> dict[str, Any]:
