@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SINGLE_GPU = ("packing", "attention", "precision", "liger")
+SINGLE_GPU = ("packing", "fp8", "attention", "precision", "liger")
 MULTI_GPU = ("pipelining",)
 
 
@@ -76,21 +76,20 @@ def _run(name: str, out: Path, smoke: bool, timeout: int) -> dict:
 GOALS = (
     (
         "packing",
-        ("speedup_varlen_vs_padded",),
-        "training tokens/s, packed torch varlen / padded SDPA",
-        2.5,
+        ("shapes", "1b_4k", "ratios", "best / native_flex_liger"),
+        "1B @ 4k rows: best am stack / HF-native flex + Liger, tokens/s",
+        1.15,
         True,
     ),
-    ("packing", ("speedup_flex_vs_padded",), "training tokens/s, packed flex / padded SDPA", 2.5, True),
-    ("packing", ("cu_seqlens_speedup",), "cu_seqlens prep, seed loop time / ours", 3.0, True),
     (
-        "packing",
-        ("varlen_attention_fwd_bwd_tflops",),
-        "varlen attention useful TFLOP/s (fwd+bwd)",
-        150.0,
+        "packing_long",
+        ("shapes", "long_16k", "ratios", "best / native_flex"),
+        "long context @ 16k rows: best am stack / HF-native flex, tokens/s",
+        1.30,
         True,
     ),
-    ("packing", ("attention_host_syncs_per_layer",), "host syncs per layer in the attention path", 0, False),
+    ("fp8", ("fp8_vs_bf16_tokens_per_s_1b",), "FP8 (current scaling) / bf16 stack tokens/s, 1B", 1.3, True),
+    ("fp8", ("quality", "quality_rel_loss_diff"), "FP8 vs bf16 loss after 50 steps, relative", 0.01, False),
     ("attention", ("causal", "ratio"), "TE injection / direct kernel call, causal bshd", 1.03, False),
     ("attention", ("mask4d", "ratio"), "TE injection / direct kernel call, canonical 4D mask", 1.03, False),
     ("attention", ("thd", "ratio"), "TE injection / direct kernel call, packed THD", 1.03, False),
@@ -125,7 +124,7 @@ def _summary(results_dir: Path) -> list[str]:
     return lines
 
 
-def _markdown(results_dir: Path) -> str:
+def _markdown(results_dir: Path, markdown: Path) -> str:
     """RESULTS.md from every results/<name>.json, each with the machine it ran on."""
     lines = [
         "# Benchmark results",
@@ -145,7 +144,22 @@ def _markdown(results_dir: Path) -> str:
             lines.append("Ran on " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".")
             lines.append("")
         lines += ["```json", json.dumps(numbers, indent=2, default=str), "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + _kept_sections(markdown)
+
+
+# Sections other benchmarks write into RESULTS.md themselves (CPU ones, `--write`): carried over as they are.
+KEPT_SECTIONS = ("## Mask build (CPU)",)
+
+
+def _kept_sections(markdown: Path) -> str:
+    old = markdown.read_text() if markdown.exists() else ""
+    kept = []
+    for heading in KEPT_SECTIONS:
+        start = old.find(heading)
+        if start >= 0:
+            end = old.find("\n## ", start + len(heading))
+            kept.append(old[start : end if end >= 0 else len(old)].rstrip() + "\n")
+    return "".join("\n" + section for section in kept)
 
 
 def main() -> int:
@@ -155,7 +169,13 @@ def main() -> int:
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument(
+        "--collect", action="store_true", help="run nothing: rewrite RESULTS.md from the JSON files there"
+    )
     args = parser.parse_args()
+    if args.collect:
+        Path(args.markdown).write_text(_markdown(Path(args.results_dir), Path(args.markdown)))
+        return 0
 
     import torch
 
@@ -172,7 +192,7 @@ def main() -> int:
         results[name] = _run(name, out, args.smoke, args.timeout)
         results[name]["environment"] = {**env, "smoke": args.smoke}
         out.write_text(json.dumps(results[name], indent=2, default=str))
-    Path(args.markdown).write_text(_markdown(results_dir))
+    Path(args.markdown).write_text(_markdown(results_dir, Path(args.markdown)))
     print(json.dumps(results, indent=2, default=str))
     return 1 if any("error" in r for r in results.values()) else 0
 

@@ -451,7 +451,7 @@ def _ratios(out: dict[str, Any]) -> None:
     best = max(ours, key=ours.get)
     out["best_ours"] = best
     out["ratios"] = {
-        f"{best} / {base}": tps[best] / tps[base]
+        f"best / {base}": tps[best] / tps[base]
         for base in ("native_flex", "native_flex_liger", "native_sdpa", "native_sdpa_liger", "padded_sdpa")
         if base in tps
     }

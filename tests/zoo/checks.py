@@ -248,6 +248,8 @@ class Model:
 
 
 def check_packing(m: Model, backend: str) -> Verdict:
+    """The path users take, `enable_packing(model, backend)`, decides the cell; `configure_packing` runs on
+    the same weights too and must give exact or refused (recorded in info; silently wrong there is the cell)."""
     import am_packing
 
     check = f"packing:{backend}"
@@ -266,30 +268,40 @@ def check_packing(m: Model, backend: str) -> Verdict:
         # comparison cannot tell a leak from exactness
         control = max_diff(forward(model, ids)[real], ref[real])
     info: dict[str, Any] = {"control_diff": control, "forward_takes_position_ids": takes_positions}
-    check_fn = getattr(am_packing, "check_packing_support", None)
-    if check_fn is not None:
-        info["check_packing_support"] = _call_check(check_fn, model, backend)
-    with torch.no_grad():
-        try:
-            # a configure_packing that takes the model (to check it) gets it
-            extra = {"model": model} if _accepts(am_packing.configure_packing, "model") else {}
-            am_packing.configure_packing(backend, **extra)
-            got = forward(model, ids, attention_mask=mask, position_ids=batch["position_ids"])
-        finally:
-            am_packing.unconfigure_packing()
+    info["check_packing_support"] = _call_check(am_packing.check_packing_support, model, backend)
     if not (control > CONTROL_MIN):
         raise Skip(f"insensitive: the unmasked packed row differs from the documents by only {control:.1e}")
     detail = "" if takes_positions else "forward takes no position_ids"
-    return compare(check, got[real], ref[real], detail, **info)
+
+    def packed(entry: Callable[[torch.nn.Module], Any], model: torch.nn.Module) -> Verdict:
+        try:
+            with torch.no_grad(), entry(model):
+                got = forward(model, ids, attention_mask=mask, position_ids=batch["position_ids"])
+        except Exception as exc:
+            return classify_exception(check, exc)
+        return compare(check, got[real], ref[real], detail)
+
+    scoped = packed(lambda mod: am_packing.enable_packing(mod, backend), model)
+    if _accepts(model.forward, "attention_mask"):
+        configured = packed(lambda mod: am_packing.configure_packing(backend), m.build(backend))
+    else:
+        configured = Verdict(
+            check, "skip", "forward takes no attention_mask: no packed mask reaches the model"
+        )
+    info["enable_packing"] = scoped.cell()
+    info["configure_packing"] = configured.cell()
+    verdict = scoped
+    if configured.kind in ("silently wrong", "crash") and scoped.kind not in ("silently wrong", "crash"):
+        verdict = configured
+        verdict.detail = f"configure_packing: {verdict.detail}".rstrip(": ")
+    verdict.info = {**info, **verdict.info}
+    return verdict
 
 
 def _call_check(fn: Callable[..., Any], model: torch.nn.Module, backend: str) -> str:
     """What a plan/check function says (recorded for the report; the verdict comes from applying)."""
     try:
-        try:
-            result = fn(model, backend)
-        except TypeError:
-            result = fn(model)
+        result = fn(model, backend)
     except Exception as exc:
         return f"raises {describe(exc, 200)}"
     return repr(result)[:300]

@@ -1,4 +1,4 @@
-"""Runs the README's examples: the 60-second example, "with Trainer" and "with TRL"."""
+"""Runs the README's examples: the 60-second example, "with Trainer", "with TRL" and "A whole dataset"."""
 
 from __future__ import annotations
 
@@ -43,3 +43,13 @@ def test_readme_with_trl():
     pytest.importorskip("datasets")
     torch.manual_seed(0)
     _run("with TRL")
+
+
+def test_readme_a_whole_dataset(capsys):
+    pytest.importorskip("datasets", reason="the example packs an HF datasets.Dataset")
+    torch.manual_seed(0)
+    _run("A whole dataset")
+    out = capsys.readouterr().out
+    # 91 tokens in 6 rows of 16 (BFD; the volume bound is 6)
+    assert "12 documents -> 6 rows, efficiency 0.95" in out
+    assert out.count("rows per step: 2") == 3

@@ -201,21 +201,6 @@ def test_recurrent_layer_types_are_refused(make_model):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_composite_configs_are_refused():
-    import transformers as tf
-
-    config = tf.Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-        ),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, in_chans=3, patch_size=2),
-    )  # fmt: skip
-    model = tf.Qwen2VLForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="sub-configs"):
-        enable_packing(model)
-
-
 def test_packed_call_with_a_cache_is_refused(make_model):
     from transformers import DynamicCache
 

@@ -5,6 +5,8 @@ Two output modes:
 - ``"indexed"`` (default): first-fit-decreasing rows ``[rows, max_length]`` with an indexed mask (1-based
   document id per token, 0 = padding). `PackingCollator` marks that mask (`DocumentIdMask`) so that only a
   model prepared with `enable_packing` (or `configure_packing`) accepts it; `pack_sequences` returns it plain.
+  Rows packed ahead of time by `pack_dataset` (``input_ids`` + ``seq_lengths`` / ``position_ids``) stay one
+  row each, so every batch has exactly as many rows as examples.
 - ``"position_ids"``: transformers' own padding-free format (like its ``DataCollatorWithFlattening``): every
   document concatenated into one row ``[1, total_tokens]``, ``position_ids`` restarting at 0 per document, no
   attention mask, ``cu_seq_lens_q/k`` and ``max_length_q/k`` for varlen kernels, and ``use_cache=False``
@@ -125,13 +127,86 @@ def _document(example: Any, where: str, max_length: int, truncate: bool) -> tupl
     return ids, labels
 
 
-def _normalise(examples: Any, max_length: int, truncate: bool) -> list[tuple[list[int], list[int]]]:
+def _is_packed_row(example: Any) -> bool:
+    return isinstance(example, Mapping) and ("seq_lengths" in example or "position_ids" in example)
+
+
+def _lengths_from_positions(value: Any, where: str) -> list[int]:
+    """Document lengths of a row whose ``position_ids`` restart at 0 for every document."""
+    positions = _token_list(value, "position_ids", where, minimum=0)
+    if positions and positions[0] != 0:
+        raise ValueError(f"{where}: position_ids must start at 0, got {positions[0]}")
+    lengths: list[int] = []
+    for i, p in enumerate(positions):
+        if p == 0:
+            lengths.append(1)
+        elif p == positions[i - 1] + 1:
+            lengths[-1] += 1
+        else:
+            raise ValueError(
+                f"{where}: position_ids must restart at 0 per document and count up by 1, got "
+                f"{positions[i - 1]} then {p} at position {i}"
+            )
+    return lengths
+
+
+def _row_documents(example: Mapping, where: str, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The documents of one pre-packed row (``input_ids`` with ``seq_lengths`` and/or per-document
+    ``position_ids``, as `pack_dataset` writes it; TRL's ``pack_dataset`` writes ``seq_lengths``). A row is
+    never cut, so one longer than `max_length` raises."""
+    ids, labels = _document(example, where, _INT32_MAX, truncate=False)
+    lengths = None
+    if "seq_lengths" in example:
+        lengths = _token_list(example["seq_lengths"], "seq_lengths", where, minimum=1)
+        if sum(lengths) != len(ids):
+            raise ValueError(
+                f"{where}: seq_lengths {lengths} sum to {sum(lengths)}, but it has {len(ids)} input_ids"
+            )
+    if "position_ids" in example:
+        from_positions = _lengths_from_positions(example["position_ids"], where)
+        if sum(from_positions) != len(ids):
+            raise ValueError(f"{where}: {sum(from_positions)} position_ids for {len(ids)} input_ids")
+        if lengths is not None and lengths != from_positions:
+            raise ValueError(
+                f"{where}: seq_lengths {lengths} disagree with the documents of its position_ids {from_positions}"
+            )
+        lengths = from_positions
+    if len(ids) > max_length:
+        raise ValueError(
+            f"{where} is a packed row of {len(ids)} tokens, more than max_length={max_length}; rows are never "
+            "cut: pack the dataset with a max_length no larger than the collator's"
+        )
+    docs, start = [], 0
+    for n in lengths:
+        docs.append((ids[start : start + n], labels[start : start + n]))
+        start += n
+    return docs
+
+
+def _normalise(
+    examples: Any, max_length: int, truncate: bool
+) -> tuple[list[tuple[list[int], list[int]]], list[list[int]] | None]:
+    """(documents, rows): rows are the document indices of each pre-packed row, None for single documents."""
     if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes, Mapping)):
         raise TypeError(f"examples must be a sequence of examples, got {type(examples).__name__}")
-    docs = [_document(e, f"example {i}", max_length, truncate) for i, e in enumerate(examples)]
-    if not docs:
+    if not examples:
         raise ValueError("examples is empty: pack_sequences needs at least one example")
-    return docs
+    packed = [_is_packed_row(e) for e in examples]
+    if not any(packed):
+        return [_document(e, f"example {i}", max_length, truncate) for i, e in enumerate(examples)], None
+    if not all(packed):
+        raise ValueError(
+            "examples mix packed rows (with 'seq_lengths' or 'position_ids', e.g. example "
+            f"{packed.index(True)}) and single documents (e.g. example {packed.index(False)}); pass one kind "
+            "per batch"
+        )
+    docs: list[tuple[list[int], list[int]]] = []
+    rows: list[list[int]] = []
+    for i, e in enumerate(examples):
+        row = _row_documents(e, f"example {i}", max_length)
+        rows.append(list(range(len(docs), len(docs) + len(row))))
+        docs += row
+    return docs, rows
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -185,9 +260,14 @@ def _flattened(docs: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
 
 
 def _rows(
-    docs: list[tuple[list[int], list[int]]], max_length: int, pad_token_id: int, return_cu_seqlens: bool
+    docs: list[tuple[list[int], list[int]]],
+    bins: list[list[int]] | None,
+    max_length: int,
+    pad_token_id: int,
+    return_cu_seqlens: bool,
 ) -> dict[str, Any]:
-    bins = first_fit_decreasing([len(d[0]) for d in docs], max_length)
+    if bins is None:
+        bins = first_fit_decreasing([len(d[0]) for d in docs], max_length)
     rows = len(bins)
     input_ids = torch.full((rows, max_length), pad_token_id, dtype=torch.long)
     labels = torch.full((rows, max_length), IGNORE_INDEX, dtype=torch.long)
@@ -238,17 +318,19 @@ def pack_sequences(
     (padding counted as one extra sequence per row) so varlen backends need no host sync.
     ``mode="position_ids"``: transformers' padding-free format, see the module docstring.
     Examples longer than `max_length` raise ValueError unless ``truncate=True``; token ids must be integers
-    in [0, 2**63) (no float ids, nothing silently truncated).
+    in [0, 2**63) (no float ids, nothing silently truncated). Pre-packed rows (mappings with ``input_ids``
+    and ``seq_lengths`` and/or per-document ``position_ids``, from `pack_dataset`) keep their documents
+    together: one output row each.
     """
     max_length = _check_max_length(max_length)
     pad_token_id = _check_int(pad_token_id, "pad_token_id", minimum=0)
     truncate = _check_flag(truncate, "truncate")
     return_cu_seqlens = _check_flag(return_cu_seqlens, "return_cu_seqlens")
     mode = _check_mode(mode)
-    docs = _normalise(examples, max_length, truncate)
+    docs, rows = _normalise(examples, max_length, truncate)
     if mode == "position_ids":
         return _flattened(docs)
-    return _rows(docs, max_length, pad_token_id, return_cu_seqlens)
+    return _rows(docs, rows, max_length, pad_token_id, return_cu_seqlens)
 
 
 class PackingCollator:
@@ -325,7 +407,11 @@ class PackingCollator:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must support len() and indexing, got {type(dataset).__name__}")
         for i in range(len(dataset)):
-            _document(dataset[i], f"dataset index {i}", self.max_length, self.truncate)
+            example, where = dataset[i], f"dataset index {i}"
+            if _is_packed_row(example):
+                _row_documents(example, where, self.max_length)
+            else:
+                _document(example, where, self.max_length, self.truncate)
 
     @property
     def efficiency(self) -> float:

@@ -187,6 +187,14 @@ def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (0-based, int64 ``[B, S]``) of a valid indexed mask."""
+    col = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    prev = F.pad(document_ids[:, :-1], (1, 0), value=-1)
+    starts = torch.where(document_ids != prev, col, torch.zeros_like(col))
+    return col - starts.cummax(dim=-1).values
+
+
 class _Stats(NamedTuple):
     lengths: torch.Tensor  # [B*S] per-document lengths in order, valid in [:num_docs]
     valid: torch.Tensor  # [B*S] bool, non-padding tokens

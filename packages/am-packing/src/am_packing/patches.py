@@ -7,7 +7,12 @@ What is patched (all through `Patch`, reverted exactly by `unconfigure_packing`)
 2. The same names in every already-imported ``transformers.models.*`` module holding the original
    (discovered by identity in ``sys.modules``; `discovery.find_causal_mask_modules` lists the candidates
    from source without importing them).
-3. ``modeling_flash_attention_utils._get_unpad_data``: one varlen sequence per document.
+3. The entries of ``masking_utils.LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING`` holding a builder (through which
+   ``create_masks_for_generate``, used by vision-language wrappers such as gemma3, builds its masks).
+4. ``modeling_flash_attention_utils._get_unpad_data``: one varlen sequence per document.
+5. A guard (a global module forward hook, `guard`): the first time a transformers model runs a packed
+   batch, `check_packing_support` decides from its modules whether the packed result can be exact; an
+   unsupported model raises ``ValueError`` with the reason instead of returning what it computed.
 
 Every contract (builder signatures, a document-mask probe per builder, the unpad probe) is checked before
 the first set (`PatchSet`'s first phase). Modules imported while packing is configured hold our
@@ -17,8 +22,10 @@ alternative, which patches nothing process-wide, is `am_packing.enable_packing`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,11 +41,12 @@ from ._contract import (
     require_result,
 )
 from ._originals import MASK_BUILDERS, ORIGINALS, SCOPED_PREFIX, passthrough_marker, unpatched_builder
-from ._patch import MISSING, GlobalPatch, Patch, PatchSet, mark
+from ._patch import MISSING, GlobalPatch, ItemPatch, Patch, PatchSet, mark
 from ._probes import PROBE_WINDOW, builder_what, call_builder
 from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, flash_unpad_data
 from .marker import as_plain
-from .mask import needs_a_look, packs_documents
+from .mask import is_indexed_packed_mask, needs_a_look, packs_documents
+from .support import PackingSupport, check_packing_support
 
 __all__ = [
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
@@ -313,10 +321,106 @@ def _build(attn_implementation: str) -> PatchSet:
             if name.startswith("transformers.models.") and module is not None:
                 if vars(module).get(builder) is original:
                     patches.append(Patch(module, builder, _PASSTHROUGHS[builder]))
+    patches += _layer_pattern_patches(masking)
     patches.append(Patch(flash_utils, "_get_unpad_data", flash_unpad_data, contract=_unpad_contract))
+    patches += _guard_patches()
     handle = PatchSet(patches, name=f"am_packing.configure_packing({attn_implementation!r})")
     handle.on_revert.append(_restore_late_modules)
     return handle
+
+
+def _bound(builder: str, partial: functools.partial) -> Any:
+    """`partial` (arguments bound to transformers' `builder`) with our pass-through in its place."""
+    passthrough = _PASSTHROUGHS[builder]
+
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return passthrough(*partial.args, *args, **{**partial.keywords, **kwargs})
+
+    bound.__name__ = bound.__qualname__ = builder
+    return mark(bound, f"{passthrough_marker(builder)}.partial")
+
+
+def _layer_pattern_patches(masking: Any) -> list[Patch]:
+    """Our pass-throughs in the layer-pattern table's entries that hold a builder (plain, or a partial of it)."""
+    table = vars(masking).get("LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING")
+    if not isinstance(table, dict):
+        return []
+    patches: list[Patch] = []
+    for key, value in table.items():
+        for builder, passthrough in _PASSTHROUGHS.items():
+            if value is ORIGINALS[builder]:
+                patches.append(
+                    ItemPatch(table, key, passthrough, label="LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING")
+                )
+            elif isinstance(value, functools.partial) and value.func is ORIGINALS[builder]:
+                patches.append(
+                    ItemPatch(
+                        table, key, _bound(builder, value), label="LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING"
+                    )
+                )
+    return patches
+
+
+# --------------------------------------------------------------------------- the model guard
+# model -> its verdict, computed on its first call while packing is configured (weakly: models may go away)
+_VERDICTS: weakref.WeakKeyDictionary[torch.nn.Module, PackingSupport] = weakref.WeakKeyDictionary()
+
+
+def _verdict(model: torch.nn.Module) -> PackingSupport:
+    verdict = _VERDICTS.get(model)
+    if verdict is None:
+        verdict = check_packing_support(model)
+        if verdict.supported and verdict.position_offset:
+            verdict = PackingSupport(
+                False,
+                f"{getattr(model.config, 'model_type', None)} ({type(model).__name__}): its position embeddings "
+                f"count from padding_idx + 1 = {verdict.position_offset}, which the collator's per-document "
+                "position_ids do not; enable_packing(model) shifts them",
+                verdict.backend,
+            )
+        _VERDICTS[model] = verdict
+    return verdict
+
+
+def _make_guard(pretrained: type) -> Any:
+    def guard(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # Runs after every module call while packing is configured: keep the common path to one isinstance.
+        if not isinstance(module, pretrained) or getattr(module, "config", None) is None:
+            return
+        verdict = _verdict(module)
+        if verdict.supported:
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            names = list(inspect.signature(type(module).forward).parameters)[1:]
+            if "attention_mask" in names and names.index("attention_mask") < len(args):
+                mask = args[names.index("attention_mask")]
+        if needs_a_look(mask) and is_indexed_packed_mask(mask):
+            raise ValueError(f"configure_packing cannot pack {verdict.reason}")
+
+    return mark(guard, "am_packing.configure_packing.guard")
+
+
+def _guard_patches() -> list[Patch]:
+    """The guard as a global forward hook with kwargs: two entries of torch's global hook registries."""
+    from torch.nn.modules import module as nn_module
+    from torch.utils.hooks import RemovableHandle
+    from transformers import PreTrainedModel
+
+    hooks = vars(nn_module).get("_global_forward_hooks")
+    with_kwargs = vars(nn_module).get("_global_forward_hooks_with_kwargs")
+    if not isinstance(hooks, dict) or not isinstance(with_kwargs, dict):
+        raise RuntimeError(
+            f"torch.nn.modules.module has no global forward hook registries (torch {torch.__version__}); "
+            "configure_packing cannot guard unsupported models"
+        )
+    key = RemovableHandle(hooks).id  # a fresh id from torch's own hook counter (the handle is dropped)
+    guard = _make_guard(PreTrainedModel)
+    # torch only tests membership in the with-kwargs registry; the guard itself is the (marked) value
+    return [
+        ItemPatch(with_kwargs, key, guard, label="torch global forward hooks (with kwargs)"),
+        ItemPatch(hooks, key, guard, label="torch global forward hooks"),
+    ]
 
 
 _CONFIGURED = GlobalPatch(_build)

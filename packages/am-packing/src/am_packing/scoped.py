@@ -28,7 +28,6 @@ packing, exact without any patch) or the process-wide `configure_packing`.
 from __future__ import annotations
 
 import inspect
-import sys
 import threading
 import weakref
 from collections import Counter
@@ -38,15 +37,12 @@ import torch
 
 from ._patch import Patch, PatchSet
 from .marker import as_plain
-from .mask import needs_a_look, packs_documents
+from .mask import document_positions, needs_a_look, packs_documents
 from .scoped_registry import CURRENT, REGISTRIES, SCOPED_BACKENDS, Packed, scoped_name
+from .support import check_packing_support, text_config
 
 __all__ = ["disable_packing", "enable_packing", "is_packing_enabled"]
 
-# Layer kinds whose attention the document mask covers; anything else (linear attention, mamba, ...) carries
-# state across tokens that a mask cannot split at document boundaries.
-_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
 _USERS: Counter[str] = Counter()
 _LOCK = threading.RLock()
 _ENABLED: weakref.WeakKeyDictionary[torch.nn.Module, PatchSet] = weakref.WeakKeyDictionary()
@@ -64,30 +60,6 @@ def _text_config(model: Any) -> Any:
             f"model must be a transformers PreTrainedModel (an nn.Module with a config), got {type(model).__name__}"
         )
     return config
-
-
-def _refusal_reason(model: torch.nn.Module, config: Any, backend: str) -> str | None:
-    """Why enable_packing cannot make `model` exact on `backend`, decided from what the model contains."""
-    if getattr(config, "sub_configs", None):
-        return (
-            f"its config has sub-configs {sorted(config.sub_configs)} (a composite, e.g. vision-language, "
-            "model); enable_packing covers text decoders, configure_packing covers the rest"
-        )
-    layer_types = getattr(config, "layer_types", None) or ()
-    other = sorted({t for t in layer_types if t not in _ATTENTION_LAYER_TYPES})
-    if other:
-        return f"it has {other} layers, whose state crosses document boundaries that a mask cannot split"
-    if "attention_mask" not in inspect.signature(type(model).forward).parameters:
-        return "its forward takes no attention_mask"
-    if (
-        backend == "eager"
-        and getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None) is None
-    ):
-        return f"{type(model).__module__} defines no eager_attention_forward to run eager attention with"
-    flag = _SUPPORT_FLAGS.get(backend)
-    if flag is not None and not getattr(model, flag, False):
-        return f"transformers does not support attn_implementation={backend!r} for it ({flag} is False)"
-    return None
 
 
 def _positions(model: torch.nn.Module) -> dict[str, int]:
@@ -113,8 +85,10 @@ def _set_argument(args: tuple, kwargs: dict, positions: dict[str, int], name: st
 class _Hooks:
     """The forward pre/post hooks of one enabled model (thread-safe: one ContextVar token stack per thread)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, backend: str, position_offset: int = 0) -> None:
         self.model_type = getattr(model.config, "model_type", type(model).__name__)
+        self.backend = backend
+        self.position_offset = position_offset
         self.positions = _positions(model)
         self.local = threading.local()
         self.handles = [
@@ -148,6 +122,12 @@ class _Hooks:
                     args = _set_argument(args, kwargs, self.positions, "use_cache", False)
                 device = reference.device if isinstance(reference, torch.Tensor) else plain.device
                 state = Packed(plain.to(device=device, dtype=torch.long), self.model_type)
+                if self.position_offset:
+                    # RoBERTa-style embeddings count positions from padding_idx + 1 (padding at padding_idx),
+                    # as they do for each document alone
+                    positions = document_positions(state.ids) + self.position_offset
+                    positions = positions.masked_fill(state.ids == 0, self.position_offset - 1)
+                    args = _set_argument(args, kwargs, self.positions, "position_ids", positions)
             args = _set_argument(args, kwargs, self.positions, "attention_mask", plain)
         stack[-1] = CURRENT.set(state)
         return args, kwargs
@@ -172,11 +152,21 @@ class _Hooks:
             return
         state = CURRENT.get()
         CURRENT.reset(token)
-        if output is not None and state is not None and state.attention_calls == 0:
+        if output is None or state is None:
+            return
+        if state.mask_builds == 0:
+            raise ValueError(
+                f"a packed forward of {state.model_type} built no attention mask through transformers' mask "
+                "builders, so am-packing cannot vouch for its document boundaries; this model is not supported "
+                "by enable_packing"
+            )
+        # A model computing attention itself (not through AttentionInterface) reads the mask it was given;
+        # only eager's additive float mask is the format such code expects.
+        if state.attention_calls == 0 and self.backend != "eager":
             raise ValueError(
                 f"a packed forward of {state.model_type} ran no attention through transformers' "
-                "AttentionInterface, so am-packing cannot vouch for its document boundaries; this model is "
-                "not supported by enable_packing"
+                f"AttentionInterface, so its own attention code reads a {self.backend} mask am-packing cannot "
+                "vouch for; this model is not supported by enable_packing (try backend='eager', or configure_packing)"
             )
 
 
@@ -187,7 +177,7 @@ def enable_packing(model: torch.nn.Module, backend: str | None = None) -> PatchS
     model, removed with the last one), points this model's config at it and hooks its forward; see the
     module docstring for the design. Idempotent; returns a handle (``.revert()``, context manager). Undo:
     the handle or `disable_packing(model)`. A model it cannot make exact is refused before anything changes,
-    with the reason (composite configs, recurrent layer types, unsupported backends).
+    with the reason (`check_packing_support`, unsupported backends).
     """
     config = _text_config(model)
     current = config._attn_implementation
@@ -211,20 +201,21 @@ def enable_packing(model: torch.nn.Module, backend: str | None = None) -> PatchS
                 "configure_packing"
             )
         model_type = getattr(config, "model_type", type(model).__name__)
-        reason = _refusal_reason(model, config, backend)
-        if reason is not None:
-            raise ValueError(
-                f"enable_packing cannot pack {model_type} ({type(model).__name__}) exactly: {reason}"
-            )
+        support = check_packing_support(model, backend)
+        if not support.supported:
+            raise ValueError(f"enable_packing cannot pack {support.reason}")
         REGISTRIES[backend].apply()  # both phases of its contracts; a no-op while another model uses it
         _USERS[backend] += 1
+        # A composite config (vision-language, ...) points only its text model at the packed backend; the
+        # other towers never see the packed text.
+        configs = {id(c): c for c in (config, text_config(config))}.values()
         handle = PatchSet(
-            [Patch(config, "_attn_implementation_internal", scoped_name(backend))],
+            [Patch(c, "_attn_implementation_internal", scoped_name(backend)) for c in configs],
             name=f"am_packing.enable_packing({model_type}, {backend!r})",
         )
         try:
             handle.apply()
-            hooks = _Hooks(model)
+            hooks = _Hooks(model, backend, support.position_offset)
         except BaseException:
             handle.revert()
             _release(backend)
