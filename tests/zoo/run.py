@@ -220,8 +220,9 @@ def render(jobs: dict[str, Job], checks: list[str], meta: dict[str, Any]) -> str
         "What each column compares (logits, max abs diff <= "
         f"{LOGITS_ATOL:g} is exact; see `tests/zoo/checks.py`):",
         "",
-        "- am-packing (backend): one packed row of 3 documents (`pack_sequences`, `configure_packing(backend)`) "
-        "vs each document alone through the unpatched model, on real tokens;",
+        "- am-packing (backend): one packed row of 3 documents (`pack_sequences`, `enable_packing(model, "
+        "backend)`) vs each document alone through the unpatched model, on real tokens; `configure_packing"
+        "(backend)` runs on a fresh copy too and a wrong or crashing result there is the cell's verdict;",
         "- am-attention: `inject_te_attention` with the SDPA `ReferenceDotProductAttention` vs plain "
         "(modules taken / candidates, kernel calls); nothing taken = refused;",
         "- am-pipelining: `split_model_into_stages(model, 2)` chained in one process vs the unsplit model;",
