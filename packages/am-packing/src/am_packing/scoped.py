@@ -39,7 +39,7 @@ from ._patch import Patch, PatchSet
 from .marker import as_plain
 from .mask import document_positions, needs_a_look, packs_documents
 from .scoped_registry import CURRENT, REGISTRIES, SCOPED_BACKENDS, Packed, scoped_name
-from .support import check_packing_support, text_config
+from .support import check_packing_support, model_config, text_config
 
 __all__ = ["disable_packing", "enable_packing", "is_packing_enabled"]
 
@@ -49,19 +49,6 @@ _ENABLED: weakref.WeakKeyDictionary[torch.nn.Module, PatchSet] = weakref.WeakKey
 
 
 # --------------------------------------------------------------------------- the model side
-def _text_config(model: Any) -> Any:
-    config = getattr(model, "config", None)
-    if (
-        not isinstance(model, torch.nn.Module)
-        or config is None
-        or not hasattr(config, "_attn_implementation")
-    ):
-        raise TypeError(
-            f"model must be a transformers PreTrainedModel (an nn.Module with a config), got {type(model).__name__}"
-        )
-    return config
-
-
 def _positions(model: torch.nn.Module) -> dict[str, int]:
     params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
     return {n: i for i, n in enumerate(params)}
@@ -179,7 +166,7 @@ def enable_packing(model: torch.nn.Module, backend: str | None = None) -> PatchS
     the handle or `disable_packing(model)`. A model it cannot make exact is refused before anything changes,
     with the reason (`check_packing_support`, unsupported backends).
     """
-    config = _text_config(model)
+    config = model_config(model)
     current = config._attn_implementation
     with _LOCK:
         live = _ENABLED.get(model)
@@ -254,7 +241,7 @@ def _release(backend: str) -> None:
 
 def disable_packing(model: torch.nn.Module) -> None:
     """Undo `enable_packing(model)` exactly (no-op when packing is not enabled on it)."""
-    _text_config(model)
+    model_config(model)
     handle = _ENABLED.get(model)
     if handle is not None and handle.applied:
         handle.revert()

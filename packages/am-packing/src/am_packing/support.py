@@ -162,8 +162,8 @@ def _position_tables(
     return tables
 
 
-def check_packing_support(model: torch.nn.Module, backend: str | None = None) -> PackingSupport:
-    """Whether packing can make `model` exact (per-document results) on `backend` (default: its current one)."""
+def model_config(model: Any) -> Any:
+    """`model`'s config, after checking that `model` is a transformers model (TypeError otherwise)."""
     config = getattr(model, "config", None)
     if (
         not isinstance(model, torch.nn.Module)
@@ -173,6 +173,12 @@ def check_packing_support(model: torch.nn.Module, backend: str | None = None) ->
         raise TypeError(
             f"model must be a transformers PreTrainedModel (an nn.Module with a config), got {type(model).__name__}"
         )
+    return config
+
+
+def check_packing_support(model: torch.nn.Module, backend: str | None = None) -> PackingSupport:
+    """Whether packing can make `model` exact (per-document results) on `backend` (default: its current one)."""
+    config = model_config(model)
     if backend is None:
         backend = text_config(config)._attn_implementation or config._attn_implementation
     reason, offset = _reason(model, config, backend)
