@@ -17,6 +17,14 @@ S = 12  # > the window (4): sliding layers get a real band
 TOL = 1e-5  # fp32 on CPU: the kernel and the plain forward differ only in summation order
 
 
+def _model_class(name: str):
+    """A transformers class these tests need; older 5.x minors lack some families, which then skip."""
+    found = getattr(transformers, name, None)
+    if found is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return found
+
+
 def _ids(batch: int = 2, seq: int = S, vocab: int = 96) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
@@ -52,14 +60,14 @@ COMMON = dict(
 
 def _exaone4() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.Exaone4Config(
+    cfg = _model_class("Exaone4Config")(
         **COMMON,
         num_hidden_layers=2,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
         attn_implementation="sdpa",
     )
-    return transformers.Exaone4ForCausalLM(cfg).eval()
+    return _model_class("Exaone4ForCausalLM")(cfg).eval()
 
 
 def test_full_layer_of_layer_types_gets_no_window():
@@ -81,10 +89,10 @@ def _with_sinks(arch: str) -> torch.nn.Module:
         kw.update(
             num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]
         )
-        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw))
+        model = _model_class("GptOssForCausalLM")(_model_class("GptOssConfig")(**kw))
     elif arch == "granite_swa":  # sinks as a post-attention LSE scaling: the same softmax denominator
         kw.update(layer_types=["full_attention", "sliding_attention"])
-        model = transformers.GraniteSWAForCausalLM(transformers.GraniteSWAConfig(**kw))
+        model = _model_class("GraniteSWAForCausalLM")(_model_class("GraniteSWAConfig")(**kw))
     else:
         raise ValueError(arch)
     with torch.no_grad():
@@ -131,7 +139,7 @@ class _NoSinksKernel(REF):
 
 def test_sinks_layers_keep_their_attention_when_the_kernel_cannot_take_them():
     torch.manual_seed(0)
-    cfg = transformers.MiMoV2FlashConfig(
+    cfg = _model_class("MiMoV2FlashConfig")(
         **COMMON,
         v_head_dim=8,
         moe_intermediate_size=16,
@@ -143,7 +151,7 @@ def test_sinks_layers_keep_their_attention_when_the_kernel_cannot_take_them():
         mlp_layer_types=["dense", "dense"],
         attn_implementation="eager",
     )
-    model = transformers.MiMoV2FlashForCausalLM(cfg).eval()
+    model = _model_class("MiMoV2FlashForCausalLM")(cfg).eval()
     with torch.no_grad():
         model.model.layers[1].self_attn.sinks.normal_(0.0, 2.0)
     plan = _plan(model, dot_product_attention_cls=_NoSinksKernel)
@@ -163,8 +171,8 @@ def test_sinks_layers_keep_their_attention_when_the_kernel_cannot_take_them():
 
 def test_logit_bias_passed_to_the_attention_function_is_not_taken():
     torch.manual_seed(0)
-    cfg = transformers.InklingTextConfig(**COMMON, num_hidden_layers=2, attn_implementation="sdpa")
-    model = transformers.InklingForCausalLM(cfg).eval()
+    cfg = _model_class("InklingTextConfig")(**COMMON, num_hidden_layers=2, attn_implementation="sdpa")
+    model = _model_class("InklingForCausalLM")(cfg).eval()
     plan = _plan(model)
     assert plan and all(not t and r.startswith("inputs: ") and "position_bias" in r for t, r in plan.values())
     diff, stats = _compare(model, input_ids=_ids())
@@ -216,9 +224,10 @@ def test_vlm_vision_attention_with_a_broken_contract_is_skipped_not_blocking():
     cfg._attn_implementation = "sdpa"
     model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
     plan = _plan(model)
-    vision_rows = {n: r for n, r in plan.items() if n.startswith("model.vision_tower.encoder.")}
+    vision_rows = {n: r for n, r in plan.items() if "vision_tower" in n}
     text_rows = {n: r for n, r in plan.items() if "language_model" in n}
-    assert vision_rows and all(not t and r.startswith("refused: ") for t, r in vision_rows.values()), plan
+    assert vision_rows and not any(t for t, _ in vision_rows.values()), plan
+    assert any(r.startswith("refused: ") for _, r in vision_rows.values()), plan  # the broken contract
     assert len(text_rows) == 2 and all(t for t, _ in text_rows.values()), plan
     with pytest.warns(UserWarning, match="skips .*vision_tower.*refused"):
         handle = A.inject_te_attention(model, dot_product_attention_cls=REF)
