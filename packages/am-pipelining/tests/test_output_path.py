@@ -7,6 +7,7 @@ whose decoder does something the stages cannot reproduce must be refused, naming
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -95,11 +96,23 @@ EXACT = {
 }
 
 
+@contextlib.contextmanager
+def _refusal_skips():
+    """An older minor whose layers take other arguments is refused (a RuntimeError naming the contract and
+    the version) rather than split: that is the right outcome there, and nothing to compare."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "changed a private contract" not in str(exc):
+            raise
+        pytest.skip(f"refused on transformers {transformers.__version__}: {str(exc)[:200]}")
+
+
 @pytest.mark.parametrize("name", sorted(EXACT))
 def test_two_stages_equal_the_unsplit_model(name):
     model = _build(**EXACT[name])
     ids = _ids()
-    with torch.no_grad():
+    with torch.no_grad(), _refusal_skips():
         ref = model(input_ids=ids, use_cache=False).logits
         got = _chained(model, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
@@ -118,7 +131,8 @@ def test_the_last_stage_owns_the_final_module(name, final):
     model = _build(**EXACT[name])
     first, last = get_stage_plan(model, 2)
     assert final in last and final not in first
-    stage0 = split_model_into_stages(model, 2, stage_index=0)
+    with _refusal_skips():
+        stage0 = split_model_into_stages(model, 2, stage_index=0)
     assert getattr(stage0.model, final.rpartition(".")[2]) is None
 
 
