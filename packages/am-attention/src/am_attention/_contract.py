@@ -107,7 +107,9 @@ def parameter_name(func: Any, name: str, what: str | None = None) -> str:
     """The spelling of parameter `name` (a key of RENAMED_PARAMETERS, or any name) that `func` declares.
 
     Only named parameters count (not ``**kwargs``): a deprecation shim that still accepts the old name
-    through ``**kwargs`` is not what the function itself takes.
+    through ``**kwargs`` is not what the function itself takes. When two spellings are declared, the one that
+    can be passed positionally is the parameter and a keyword-only other is its deprecated alias
+    (transformers 5.25's ``create_causal_mask(..., cache, ..., *, past_key_values=None)``).
     """
     label = what or qualified_name(func)
     spellings = RENAMED_PARAMETERS.get(name, (name,))
@@ -117,6 +119,10 @@ def parameter_name(func: Any, name: str, what: str | None = None) -> str:
         for s in spellings
         if s in sig.parameters and sig.parameters[s].kind is not inspect.Parameter.VAR_KEYWORD
     ]
+    if len(named) > 1:
+        positional = [s for s in named if sig.parameters[s].kind is not inspect.Parameter.KEYWORD_ONLY]
+        if len(positional) == 1:
+            named = positional
     if len(named) != 1:
         found = "both" if named else "neither"
         raise contract_error(
