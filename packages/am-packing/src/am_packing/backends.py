@@ -92,11 +92,8 @@ def cached_segments(mask: torch.Tensor) -> Segments:
     end = torch.tensor([batch * seq], device=ids.device)
     cu = torch.cat([starts, end]).to(torch.int32)
     padded = data.indices.numel() != batch * seq
-    segments = Segments(
-        cu,
-        max(int((cu[1:] - cu[:-1]).max()), data.max_seqlen),
-        (ids > 0).reshape(-1, 1, 1) if padded else None,
-    )
+    # every document is a segment, so the longest segment covers the longest document
+    segments = Segments(cu, int((cu[1:] - cu[:-1]).max()), (ids > 0).reshape(-1, 1, 1) if padded else None)
     _seg_local.slot = (weakref.ref(mask), mask._version, segments)
     return segments
 
@@ -262,12 +259,12 @@ def varlen_attention_forward(
 
 
 def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
-    """AttentionMaskInterface entry for torch_varlen: keep the 2D mask (unpadded inside attention)."""
+    """AttentionMaskInterface entry for torch_varlen: keep the 2D mask (split into segments inside attention)."""
     if attention_mask is not None and attention_mask.ndim == 2:
         kv_length = kwargs.get("kv_length")
         if isinstance(kv_length, int) and attention_mask.shape[-1] > kv_length:
             attention_mask = attention_mask[:, -kv_length:]
-        cached_unpad_data(attention_mask)  # the one sync, here rather than in the first layer
+        cached_segments(attention_mask)  # the syncs here, once per forward, rather than in the first layer
     return attention_mask
 
 
