@@ -65,7 +65,7 @@ class Path_:
     feed: str  # "native": position_ids only; "indexed": our indexed mask + position_ids; "padded"
     liger: bool = False
     compile: bool = False
-    fp8: bool = False  # am-precision's TE Linear swap + FP8 autocast (current scaling)
+    fp8: str = ""  # an FP8 recipe name: am-precision's TE Linear swap + FP8 autocast with that recipe
     baseline: bool = False
 
     def describe(self) -> str:
@@ -77,7 +77,7 @@ class Path_:
         extras = [
             x
             for x, on in (
-                ("FP8 linears (TE, current scaling)", self.fp8),
+                (f"FP8 linears (TE, {self.fp8} scaling)", bool(self.fp8)),
                 ("Liger", self.liger),
                 ("torch.compile per layer", self.compile),
             )
@@ -99,8 +99,13 @@ PATHS = (
     Path_("ours_te", "te", "indexed"),
     Path_("ours_te_liger", "te", "indexed", liger=True),
     Path_("ours_te_liger_compile", "te", "indexed", liger=True, compile=True),
-    Path_("ours_varlen_liger_fp8", "torch_varlen", "indexed", liger=True, fp8=True),
-    Path_("ours_te_liger_fp8", "te", "indexed", liger=True, fp8=True),
+    Path_("ours_varlen_liger_fp8", "torch_varlen", "indexed", liger=True, fp8="current"),
+    Path_("ours_varlen_liger_fp8_delayed", "torch_varlen", "indexed", liger=True, fp8="delayed"),
+    Path_(
+        "ours_varlen_liger_fp8_compile", "torch_varlen", "indexed", liger=True, compile=True, fp8="current"
+    ),
+    Path_("ours_te_liger_fp8", "te", "indexed", liger=True, fp8="current"),
+    Path_("ours_te_liger_fp8_delayed", "te", "indexed", liger=True, fp8="delayed"),
 )
 
 
@@ -230,8 +235,8 @@ def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[Callable
         if path.fp8:
             import am_precision
 
-            undo.enter_context(am_precision.inject_te_linear(model, recipe="current"))
-            step_context = functools.partial(am_precision.te_fp8_autocast, "current")
+            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8))
+            step_context = functools.partial(am_precision.te_fp8_autocast, path.fp8)
         if path.liger:
             import am_kernels
 
@@ -503,8 +508,10 @@ LONG_PATHS = {
     "native_flex_liger",
     "ours_varlen_liger",
     "ours_varlen_liger_compile",
+    "ours_varlen_liger_fp8",
     "ours_te_liger",
-    "ours_te_liger_compile",
+    "ours_te_liger_fp8",
+    "ours_te_liger_fp8_delayed",
 }
 
 if __name__ == "__main__":

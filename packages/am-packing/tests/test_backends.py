@@ -169,3 +169,60 @@ def test_varlen_segments_cover_every_token_without_gathers():
     assert backends.cached_segments(full).valid is None
     with pytest.raises(ValueError):
         backends.cached_segments(torch.tensor([[1, 2, 1, 0]]))  # validated like get_unpad_data
+
+
+@torch.library.custom_op("am_packing_tests::reference_varlen", mutates_args=())
+def _reference_varlen_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    window_left: int,
+    causal: bool,
+) -> torch.Tensor:
+    return reference_varlen_kernel(
+        query, key, value, cu_seqlens, max_seqlen, scale=scale, window_left=window_left, causal=causal
+    )
+
+
+@_reference_varlen_op.register_fake
+def _(query, key, value, cu_seqlens, max_seqlen, scale, window_left, causal):
+    return torch.empty_like(query)
+
+
+def _opaque_reference_kernel(query, key, value, cu_seqlens, max_seqlen, *, scale, window_left, causal):
+    """The reference kernel as one custom op, as opaque to dynamo as torch's own varlen_attn."""
+    return _reference_varlen_op(query, key, value, cu_seqlens, max_seqlen, scale, window_left, causal)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_torch_varlen_layers_compile_without_graph_breaks(make_model, exact, monkeypatch, arch):
+    """The mask entry hands each layer its batch's segments, so `torch.compile` per decoder layer traces the
+    whole attention call: no graph break, and once two batches have been seen (segment count and longest
+    document become dynamic) a batch with other boundaries compiles nothing. Exact against per-document."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(backends, "varlen_kernel", _opaque_reference_kernel)
+    model = make_model(arch, "eager")
+    batches = [exact.documents(seed) for seed in (1, 2, 3)]
+    batches[1] = batches[1][:4]  # other document count, other longest document
+    refs = [exact.per_document(model, docs, with_grad=False)[0] for docs in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    with register_varlen_attention(), configure_packing("torch_varlen"), torch.no_grad():
+        model.set_attn_implementation("torch_varlen")
+        for layer in model.model.layers:
+            layer.compile(backend="eager")  # dynamo's tracing is what is tested; no inductor build on CPU
+        try:
+            graphs = []
+            for docs, ref in zip(batches, refs, strict=True):
+                batch, logits = _packed_logits(model, docs)
+                assert exact.worst(docs, batch, logits, ref) < exact.ATOL
+                graphs.append(counters["stats"]["unique_graphs"])
+        finally:
+            model.set_attn_implementation("eager")
+            torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[2] == graphs[1], f"a third batch recompiled: unique graphs after each batch {graphs}"

@@ -10,7 +10,9 @@
   attention backend (`register_varlen_attention`), so packed training needs no flash-attn install.
 
 Unpadding data is cached per mask object (the same mask tensor reaches every layer), so the one host
-sync happens once per forward, in mask creation, never per layer.
+sync happens once per forward, in mask creation, never per layer. For torch_varlen the mask entry hands
+the layers the batch's `Segments` themselves (tensors and an int, no lookup), so a decoder layer under
+``torch.compile`` traces the attention call without a graph break.
 """
 
 from __future__ import annotations
@@ -64,11 +66,15 @@ def clear_unpad_cache() -> None:
 
 
 class Segments(NamedTuple):
-    """Every token of the flattened batch in one varlen sequence: each document, and each run of padding."""
+    """Every token of the flattened batch in one varlen sequence: each document, and each run of padding.
+
+    What the torch_varlen mask entry returns to the decoder layers in place of the 2D mask.
+    """
 
     cu_seqlens: torch.Tensor  # int32, [num_segments + 1], ends at B * S
     max_seqlen: int
     valid: torch.Tensor | None  # [B*S, 1, 1] bool, False on padding; None when there is none
+    shape: tuple[int, int]  # (B, S) of the mask the segments were cut from
 
 
 _seg_local = threading.local()
@@ -93,7 +99,10 @@ def cached_segments(mask: torch.Tensor) -> Segments:
     cu = torch.cat([starts, end]).to(torch.int32)
     padded = data.indices.numel() != batch * seq
     # every document is a segment, so the longest segment covers the longest document
-    segments = Segments(cu, int((cu[1:] - cu[:-1]).max()), (ids > 0).reshape(-1, 1, 1) if padded else None)
+    valid = (ids > 0).reshape(-1, 1, 1) if padded else None
+    segments = Segments(cu, int((cu[1:] - cu[:-1]).max()), valid, (batch, seq))
+    # the segment count changes from batch to batch: a compiled layer should not specialise on it
+    torch._dynamo.maybe_mark_dynamic(cu, 0)
     _seg_local.slot = (weakref.ref(mask), mask._version, segments)
     return segments
 
@@ -165,10 +174,21 @@ def varlen_kernel(
 
 
 def _varlen_layout(
-    attention_mask: torch.Tensor | None, kwargs: dict[str, Any], batch: int, seq: int, device: torch.device
+    attention_mask: Segments | torch.Tensor | None,
+    kwargs: dict[str, Any],
+    batch: int,
+    seq: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
     """(padding mask to zero the output with or None, cu_seqlens, max_seqlen) over all B*S tokens for this
     batch; never syncs on the cached paths."""
+    if isinstance(attention_mask, Segments):  # from `varlen_mask`: computed once for this forward
+        if attention_mask.shape != (batch, seq):
+            raise ValueError(
+                f"torch_varlen segments were cut from a [{attention_mask.shape[0]}, {attention_mask.shape[1]}] "
+                f"mask but the attention input is [{batch}, {seq}]"
+            )
+        return attention_mask.valid, attention_mask.cu_seqlens, attention_mask.max_seqlen
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:  # precomputed by the caller (PackingCollator(return_cu_seqlens=True)): zero syncs
         max_q = kwargs.get("max_length_q")
@@ -258,13 +278,16 @@ def varlen_attention_forward(
     return out.view(batch, seq, heads, dim), None
 
 
-def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
-    """AttentionMaskInterface entry for torch_varlen: keep the 2D mask (split into segments inside attention)."""
+def varlen_mask(
+    *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> Segments | torch.Tensor | None:
+    """AttentionMaskInterface entry for torch_varlen: a 2D mask becomes its `Segments`, once per forward
+    (the host syncs happen here, not in a layer; a compiled layer receives plain tensors and an int)."""
     if attention_mask is not None and attention_mask.ndim == 2:
         kv_length = kwargs.get("kv_length")
         if isinstance(kv_length, int) and attention_mask.shape[-1] > kv_length:
             attention_mask = attention_mask[:, -kv_length:]
-        cached_segments(attention_mask)  # the syncs here, once per forward, rather than in the first layer
+        return cached_segments(attention_mask)
     return attention_mask
 
 

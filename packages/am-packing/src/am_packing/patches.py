@@ -43,7 +43,7 @@ from ._contract import (
 from ._originals import MASK_BUILDERS, ORIGINALS, SCOPED_PREFIX, passthrough_marker, unpatched_builder
 from ._patch import MISSING, GlobalPatch, ItemPatch, Patch, PatchSet, mark
 from ._probes import PROBE_WINDOW, builder_what, call_builder
-from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_unpad_data, flash_unpad_data
+from .backends import VARLEN_ATTN_IMPLEMENTATION, cached_segments, cached_unpad_data, flash_unpad_data
 from .marker import as_plain
 from .mask import is_indexed_packed_mask, needs_a_look, packs_documents
 from .support import PackingSupport, check_packing_support
@@ -145,6 +145,8 @@ def _make_passthrough(builder: str) -> Any:
                 "an indexed packing mask cannot be combined with a non-empty KV cache "
                 f"({cache.get_seq_length()} cached tokens); packing is for training/prefill from scratch"
             )
+        if impl == VARLEN_ATTN_IMPLEMENTATION:
+            return cached_segments(mask)  # the layers take the segments as they are (compile-clean)
         if impl in _VARLEN_BACKENDS:
             cached_unpad_data(mask)  # one sync here; every layer then reads the cache
             return mask
