@@ -435,7 +435,14 @@ def run_shape(
 
 
 # Paths whose profile is recorded: the strongest baseline and our candidates for the fastest stack.
-PROFILE = {"native_flex_liger", "ours_te_liger", "ours_varlen_liger", "ours_te_liger_fp8"}
+PROFILE = {
+    "native_flex_liger",
+    "ours_te_liger",
+    "ours_varlen_liger",
+    "ours_te_liger_fp8",
+    "ours_varlen_liger_fp8",
+    "ours_varlen_liger_fp8_delayed",
+}
 
 
 def time_padded(model: torch.nn.Module, batches: list[dict], device: torch.device) -> dict[str, Any]:
@@ -460,6 +467,15 @@ def _ratios(out: dict[str, Any]) -> None:
         for base in ("native_flex", "native_flex_liger", "native_sdpa", "native_sdpa_liger", "padded_sdpa")
         if base in tps
     }
+    fp8 = {p.name for p in PATHS if p.fp8}
+    if tps.keys() & fp8 and tps.keys() - fp8:  # issue 18's measure: FP8 against the best bf16 path
+        best_fp8 = max(tps.keys() & fp8, key=tps.get)
+        best_bf16 = max(tps.keys() - fp8, key=tps.get)
+        out["fp8_vs_best_bf16"] = {
+            "fp8": best_fp8,
+            "bf16": best_bf16,
+            "ratio": tps[best_fp8] / tps[best_bf16],
+        }
     for name, r in out["paths"].items():
         if name in tps and "native_flex" in tps:
             r["vs_native_flex"] = tps[name] / tps["native_flex"]
@@ -477,7 +493,12 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    wanted = [p for p in PATHS if not args.paths or p.name in args.paths.split(",")]
+    by_name = {p.name: p for p in PATHS}
+    unknown = [n for n in args.paths.split(",") if n and n not in by_name]
+    if unknown:
+        ap.error(f"--paths: unknown {unknown}; known: {list(by_name)}")
+    # in the order given: a path's place in the run can matter (compile caches, allocator state)
+    wanted = [by_name[n] for n in args.paths.split(",") if n] if args.paths else list(PATHS)
     if device.type == "cpu":
         # CPU has no flex backward, no varlen kernel and no triton for Liger: the smoke run proves the script, nothing else
         wanted = [p for p in wanted if p.attn not in ("flex_attention", "torch_varlen") and not p.liger]
@@ -509,6 +530,7 @@ LONG_PATHS = {
     "ours_varlen_liger",
     "ours_varlen_liger_compile",
     "ours_varlen_liger_fp8",
+    "ours_varlen_liger_fp8_delayed",
     "ours_te_liger",
     "ours_te_liger_fp8",
     "ours_te_liger_fp8_delayed",

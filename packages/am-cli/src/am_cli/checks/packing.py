@@ -96,6 +96,15 @@ def packed_vs_unpacked(
     return diff
 
 
+def _te_import_error() -> str | None:
+    """Why an installed transformer-engine cannot be imported, or None when it imports."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"transformer_engine is installed but does not import: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
 def check_packing(config: Any) -> Section:
     section = Section(
         "packing",
@@ -108,6 +117,10 @@ def check_packing(config: Any) -> Section:
             section.add(SKIP, backend=backend, **{"max |Δ logits|": None}, detail=why_not)
             continue
         real_te = backend == "te" and importlib.util.find_spec("transformer_engine") is not None
+        broken = real_te and _te_import_error()
+        if broken:  # installed but unusable (e.g. a cuDNN it was not built against): say so, run the rest
+            section.add(FAIL, backend=backend, **{"max |Δ logits|": None}, detail=broken)
+            continue
         if backend in CUDA_ONLY or real_te:
             diff, tolerance = packed_vs_unpacked(config, backend, "cuda", torch.bfloat16), BF16_TOLERANCE
             detail = f"documents {list(DOC_LENGTHS)}; CUDA bf16, tolerance {tolerance:g}"
