@@ -42,8 +42,8 @@ ROOT = Path(__file__).parent
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
 
 # The transformers factors: the oldest supported minor, the 5.5 rename of the flash flags, the minor
-# before the newest (so a regression the newest release hides is still caught), and the newest 5.x
-# release (whatever the index has today). "previous" is read from the index when its session runs.
+# before the newest installable one (so a regression the newest release hides is still caught), and the
+# newest 5.x release (whatever the index can install today). "previous" is read when its session runs.
 SUPPORTED = "transformers>=5.3,<6"
 TRANSFORMERS = {
     "5.3": "transformers==5.3.0",
@@ -104,12 +104,30 @@ def published_minors() -> dict[str, str]:
     return {f"{m[0]}.{m[1]}": str(latest[m]) for m in sorted(latest)}
 
 
+@functools.cache
+def installable_latest() -> Version:
+    """The transformers release `latest` resolves to from this index today (uv's own resolution).
+
+    A minor can be published before its dependencies reach the index (5.25.0 needed a kernels release the
+    index did not hold), so "the minor before the newest" is counted from what installs, not what is listed.
+    """
+    resolved = subprocess.run(
+        ["uv", "pip", "compile", "-", "--python-version", "3.11", "--no-header", "--no-annotate", "-q"],
+        input=SUPPORTED, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    pins = re.findall(r"^transformers==(\S+)$", resolved, flags=re.MULTILINE)
+    if len(pins) != 1:
+        raise RuntimeError(f"uv resolved no single transformers pin for {SUPPORTED!r}: {resolved!r}")
+    return Version(pins[0])
+
+
 def _requirement(transformers: str) -> str:
     if transformers == "previous":
-        minors = list(published_minors().values())
-        if len(minors) < 2:
-            raise RuntimeError(f"the index lists fewer than two transformers 5.x minors: {minors}")
-        return f"transformers=={minors[-2]}"
+        newest = installable_latest().release[:2]
+        older = [v for v in published_minors().values() if Version(v).release[:2] < newest]
+        if not older:
+            raise RuntimeError(f"the index lists no transformers 5.x minor before {newest}")
+        return f"transformers=={older[-1]}"
     return TRANSFORMERS[transformers]
 
 
