@@ -66,6 +66,7 @@ class Path_:
     liger: bool = False
     compile: bool = False
     fp8: str = ""  # an FP8 recipe name: am-precision's TE Linear swap + FP8 autocast with that recipe
+    fuse: bool = False  # the swap gives q/k/v and gate/up one TE Linear each (inject_te_linear(fuse=True))
     baseline: bool = False
 
     def describe(self) -> str:
@@ -78,6 +79,7 @@ class Path_:
             x
             for x, on in (
                 (f"FP8 linears (TE, {self.fp8} scaling)", bool(self.fp8)),
+                ("fused q/k/v and gate/up GEMMs", self.fuse),
                 ("Liger", self.liger),
                 ("torch.compile per layer", self.compile),
             )
@@ -106,6 +108,11 @@ PATHS = (
     ),
     Path_("ours_te_liger_fp8", "te", "indexed", liger=True, fp8="current"),
     Path_("ours_te_liger_fp8_delayed", "te", "indexed", liger=True, fp8="delayed"),
+    Path_("ours_varlen_liger_fp8_fused", "torch_varlen", "indexed", liger=True, fp8="current", fuse=True),
+    Path_(
+        "ours_varlen_liger_fp8_delayed_fused", "torch_varlen", "indexed", liger=True, fp8="delayed", fuse=True
+    ),
+    Path_("ours_te_liger_fp8_delayed_fused", "te", "indexed", liger=True, fp8="delayed", fuse=True),
 )
 
 
@@ -235,7 +242,7 @@ def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[Callable
         if path.fp8:
             import am_precision
 
-            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8))
+            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8, fuse=path.fuse))
             step_context = functools.partial(am_precision.te_fp8_autocast, path.fp8)
         if path.liger:
             import am_kernels
@@ -442,6 +449,7 @@ PROFILE = {
     "ours_te_liger_fp8",
     "ours_varlen_liger_fp8",
     "ours_varlen_liger_fp8_delayed",
+    "ours_varlen_liger_fp8_delayed_fused",
 }
 
 
@@ -534,6 +542,9 @@ LONG_PATHS = {
     "ours_te_liger",
     "ours_te_liger_fp8",
     "ours_te_liger_fp8_delayed",
+    "ours_varlen_liger_fp8_fused",
+    "ours_varlen_liger_fp8_delayed_fused",
+    "ours_te_liger_fp8_delayed_fused",
 }
 
 if __name__ == "__main__":

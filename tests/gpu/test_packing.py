@@ -246,7 +246,8 @@ def _is_liger_dispatch_break(reason: str) -> bool:
     return "torch.compiler.disable" in reason and any(name in reason for name in named)
 
 
-def test_fp8_fastest_stack_trains_packed_like_per_document():
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_fp8_fastest_stack_trains_packed_like_per_document(fuse):
     """FP8 linears (TE, current scaling) + Liger + torch varlen + indexed packing, the README's fastest
     recipe: the packed step's loss and logits match the same stack run document by document.
 
@@ -264,7 +265,7 @@ def test_fp8_fastest_stack_trains_packed_like_per_document():
     with contextlib.ExitStack() as undo:
         undo.enter_context(register_varlen_attention())
         model = _model("torch_varlen", "llama")
-        undo.enter_context(am_precision.inject_te_linear(model, recipe="current"))
+        undo.enter_context(am_precision.inject_te_linear(model, recipe="current", fuse=fuse))
         am_kernels.patch_liger_kernel(model)
         undo.enter_context(configure_packing("torch_varlen"))
         undo.enter_context(am_precision.te_fp8_autocast("current"))

@@ -80,3 +80,38 @@ def test_other_recipes_run_or_say_why_not(recipe):
     loss.backward()
     assert torch.isfinite(loss)
     ap.remove_te_linear(model)
+
+
+def test_real_te_fused_siblings_match_the_unfused_swap():
+    """fuse=True on the real TE (parameters_split): in bf16 (no FP8 autocast) its logits and grads equal the
+    unfused swap's to bf16 rounding (one [q;k;v] GEMM reassociates nothing: each output element is still one
+    row-by-column dot product, so only cuBLAS's choice of kernel differs); under FP8 the step trains."""
+    import transformer_engine.pytorch as te
+
+    from am_precision.te_fused import FusedProjection
+
+    fused, unfused = _llama(), _llama()
+    ids = IDS.cuda()
+    handle = ap.inject_te_linear(fused, fuse=True)
+    ap.inject_te_linear(unfused)
+    q = fused.model.layers[0].self_attn.q_proj
+    assert isinstance(q, FusedProjection) and isinstance(q.group.te, te.Linear)
+    assert q.group.te.q_proj_weight is q.weight
+    out, ref = fused(ids, labels=ids), unfused(ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=2**-6, atol=2**-6)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), r in zip(fused.named_parameters(), unfused.parameters()):
+        rel = ((p.grad.float() - r.grad.float()).norm() / r.grad.float().norm().clamp_min(1e-12)).item()
+        assert rel < 2**-6, f"{name}: relative grad difference {rel}"
+    for _ in ap.iter_microbatches(range(2)):
+        with ap.te_fp8_autocast("current"):
+            loss = fused(ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss) and abs(loss.item() - ref.loss.item()) < 0.05 * ref.loss.item()
+    plain = _llama()
+    plain.load_state_dict(ap.get_plain_state_dict(fused))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, fused(ids).logits, rtol=2**-6, atol=2**-6)
+    handle.revert()
+    assert type(fused.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -19,12 +19,17 @@ segment, or as many outputs as the config has experts next to an `experts` modul
 under an `experts` module (the tokens routed to one expert are not a multiple of 16), DTensor (TP/FSDP-sharded)
 weights, meta-device weights, modules with hooks, non-float16/bfloat16/float32 weights, `in_features`/
 `out_features` that are not multiples of 16 (32 for mxfp8) and, for the real TE, weights not on CUDA.
+
+`fuse=True` runs each group of eligible siblings in `FUSED_SIBLINGS` (one parent, same input width, dtype,
+device and bias presence, not a cross-attention) as one TE Linear (`te_fused`): fewer TE calls per layer,
+which is what bounds a ~1B model's FP8 step. The plan says which rows share a GEMM.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -37,6 +42,7 @@ from ._patch import ItemPatch, Patch, PatchSet, mark, patch_name
 from .fp8 import check_recipe
 from .fp32_rules import get_fp32_module_keywords, has_dtensor_params, name_matches
 from .microbatch import get_is_first_microbatch
+from .te_fused import FusedGroup, FusedProjection, split_parameter_names
 from .te_lazy import _require_first_microbatch_arg, load_te
 
 __all__ = ["get_plain_state_dict", "inject_te_linear", "plan_te_linear", "remove_te_linear"]
@@ -46,6 +52,10 @@ FORWARD_MARK = "am_precision.te_linear_instance_forward"
 ROUTER_SEGMENTS = ("router", "gate", "shared_expert_gate")
 _EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Sibling projections a layer calls on one input, in output order; `fuse=True` gives each group one GEMM.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Parents whose keys/values read another sequence than their queries: one GEMM there would run per member.
+_CROSS_ATTENTION = ("crossattention", "crossattn", "encoderattn")  # matched with "_" removed
 TE_DEVICE_TYPE = "cuda"  # where transformer_engine.pytorch.Linear runs (the default factory only)
 
 
@@ -68,8 +78,8 @@ mark(_flagged_forward, FORWARD_MARK)
 
 
 def is_swapped(module: nn.Module) -> bool:
-    """The module is a TE Linear put in place by `inject_te_linear`."""
-    return patch_name(vars(module).get("forward")) == FORWARD_MARK
+    """The module was put in place by `inject_te_linear` (a TE Linear, or a member of a fused group)."""
+    return isinstance(module, FusedProjection) or patch_name(vars(module).get("forward")) == FORWARD_MARK
 
 
 def _check_skip(skip: object) -> tuple[str, ...]:
@@ -179,10 +189,48 @@ def _walk(model: nn.Module, ctx: _Context) -> list[tuple[str, nn.Module, nn.Modu
     return rows
 
 
-def _context(model, recipe, skip, include_lm_head, linear_cls) -> _Context:
+Row = tuple[str, nn.Module, nn.Module, str, str]
+
+
+def _is_cross_attention(path: str, parent: nn.Module) -> bool:
+    where = [type(parent).__name__, *path.split(".")[:-1]]
+    return any(marker in part.lower().replace("_", "") for part in where for marker in _CROSS_ATTENTION)
+
+
+def _fusable(eligible: list[Row]) -> list[list[Row]]:
+    """The groups of `FUSED_SIBLINGS` that can share one TE Linear (each module in at most one group)."""
+    registrations = Counter(id(row[2]) for row in eligible)
+    by_parent: dict[int, dict[str, Row]] = {}
+    for row in eligible:
+        if registrations[id(row[2])] == 1:  # a module registered twice keeps its own TE Linear
+            by_parent.setdefault(id(row[1]), {})[row[3]] = row
+    groups = []
+    for children in by_parent.values():
+        for names in FUSED_SIBLINGS:
+            rows = [children[n] for n in names if n in children]
+            if len(rows) < 2 or _is_cross_attention(rows[0][0], rows[0][1]):
+                continue
+            same = {
+                (m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for _, _, m, _, _ in rows
+            }
+            if len(same) == 1:
+                groups.append(rows)
+    return groups
+
+
+def _fused_with(groups: list[list[Row]]) -> dict[int, str]:
+    return {
+        id(row[2]): ", ".join(other[3] for other in group if other is not row)
+        for group in groups
+        for row in group
+    }
+
+
+def _context(model, recipe, skip, include_lm_head, linear_cls, fuse=False) -> _Context:
     check_model(model)
     recipe = check_recipe(recipe)
     check_bool(include_lm_head, "include_lm_head")
+    check_bool(fuse, "fuse")
     if linear_cls is not None and not callable(linear_cls):
         raise TypeError(
             f"linear_cls must be None or a class/callable like transformer_engine.pytorch.Linear, got {linear_cls!r}"
@@ -197,19 +245,37 @@ def plan_te_linear(
     skip: Iterable[str] = (),
     include_lm_head: bool = False,
     linear_cls: Callable[..., nn.Module] | None = None,
+    fuse: bool = False,
 ) -> list[PlanRow]:
-    """For each `nn.Linear` (and each TE Linear we swapped in): `(name, taken, reason)`; pure."""
-    return _rows(_walk(model, _context(model, recipe, skip, include_lm_head, linear_cls)))
+    """For each `nn.Linear` (and each module we swapped in): `(name, taken, reason)`; pure."""
+    walked = _walk(model, _context(model, recipe, skip, include_lm_head, linear_cls, fuse))
+    return _rows(walked, _fused_with(_fusable([r for r in walked if not r[4]])) if fuse else {})
 
 
-def _rows(walked: list[tuple[str, nn.Module, nn.Module, str, str]]) -> list[PlanRow]:
+def _rows(walked: list[Row], fused_with: dict[int, str]) -> list[PlanRow]:
     rows, seen = [], set()
     for path, _parent, child, _name, reason in walked:
         if id(child) not in seen:  # a module registered under two names is listed once
             seen.add(id(child))
             taken = reason in ("", "swapped")
-            rows.append(PlanRow(path, taken, reason or f"{child.in_features}->{child.out_features}"))
+            if not reason:
+                reason = f"{child.in_features}->{child.out_features}"
+                if id(child) in fused_with:
+                    reason += f", one GEMM with {fused_with[id(child)]}"
+            rows.append(PlanRow(path, taken, reason))
     return rows
+
+
+def _own_parameters(te: nn.Module, expected: dict[str, torch.Size], cls: Callable[..., nn.Module]) -> None:
+    own = {n: p.shape for n, p in te.named_parameters(recurse=False)}
+    if own != expected:
+        what = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', cls)}"
+        raise contract_error(
+            what,
+            f"expected parameters { {n: tuple(s) for n, s in expected.items()} }, found "
+            f"{ {n: tuple(s) for n, s in own.items()} }",
+            library="transformer_engine",
+        )
 
 
 def _build(linear: nn.Linear, cls: Callable[..., nn.Module]) -> nn.Module:
@@ -221,21 +287,39 @@ def _build(linear: nn.Linear, cls: Callable[..., nn.Module]) -> nn.Module:
         params_dtype=weight.dtype,
         device=weight.device,
     )
-    what = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', cls)}"
-    own = dict(te.named_parameters(recurse=False))
-    expected = {"weight"} | ({"bias"} if bias is not None else set())
-    if set(own) != expected or any(p.shape != getattr(linear, n).shape for n, p in own.items()):
-        raise contract_error(
-            what,
-            f"expected parameters {sorted(expected)} shaped like the nn.Linear's, found "
-            f"{ {n: tuple(p.shape) for n, p in own.items()} }",
-            library="transformer_engine",
-        )
+    _own_parameters(te, {n: p.shape for n, p in linear.named_parameters(recurse=False)}, cls)
     te.weight = weight  # the original Parameter objects: no copy, ties and optimizer state kept
     if bias is not None:
         te.bias = bias
     te.train(linear.training)
     return te
+
+
+def _build_group(rows: list[Row], cls: Callable[..., nn.Module]) -> list[FusedProjection]:
+    """One TE Linear (`parameters_split`) holding the members' own Parameters; a FusedProjection per member."""
+    linears = [row[2] for row in rows]
+    split = {row[3]: linear.out_features for row, linear in zip(rows, linears)}
+    first = linears[0]
+    te = cls(
+        first.in_features,
+        sum(split.values()),
+        bias=first.bias is not None,
+        params_dtype=first.weight.dtype,
+        device=first.weight.device,
+        parameters_split=split,
+    )
+    own = {}
+    for name, linear in zip(split, linears):
+        for te_name, attr in zip(split_parameter_names(name), ("weight", "bias")):
+            if getattr(linear, attr) is not None:
+                own[te_name] = getattr(linear, attr)
+    _own_parameters(te, {n: p.shape for n, p in own.items()}, cls)
+    _require_first_microbatch_arg(type(te))(type(te).forward)
+    for te_name, parameter in own.items():
+        setattr(te, te_name, parameter)  # the original Parameter objects
+    te.train(first.training)
+    group = FusedGroup(te, list(split.values()))
+    return [FusedProjection(linear, group, i) for i, linear in enumerate(linears)]
 
 
 def _record(model: nn.Module) -> PatchSet | None:
@@ -250,6 +334,7 @@ def inject_te_linear(
     skip: Iterable[str] = (),
     include_lm_head: bool = False,
     linear_cls: Callable[..., nn.Module] | None = None,
+    fuse: bool = False,
 ) -> PatchSet:
     """Swap every eligible `nn.Linear` for a TE Linear holding the same Parameters; returns the handle.
 
@@ -257,10 +342,11 @@ def inject_te_linear(
     multiples of 32) and kept as `handle.recipe` for `te_fp8_autocast`. `linear_cls` builds the modules
     (default `transformer_engine.pytorch.Linear`; tests pass `ReferenceTELinear`). The handle is a `PatchSet`
     (`.revert()`, context manager) with `.taken` (swapped names) and `.plan`; a second call returns it.
+    `fuse=True` gives each group of `FUSED_SIBLINGS` one TE Linear (TE's `parameters_split`).
     ValueError when no linear is eligible, ImportError without transformer-engine (and no `linear_cls`).
     Call after casting and loading weights, before Liger, TE attention, packing and FSDP wrapping.
     """
-    ctx = _context(model, recipe, skip, include_lm_head, linear_cls)
+    ctx = _context(model, recipe, skip, include_lm_head, linear_cls, fuse)
     existing = _record(model)
     if existing is not None and existing.applied:
         return existing
@@ -275,10 +361,18 @@ def inject_te_linear(
             f"inject_te_linear: {type(model).__name__} has no nn.Linear that can run on TE "
             f"({len(rows)} linear modules; reasons: {reasons or 'no nn.Linear at all'})"
         )
+    groups = _fusable(eligible) if fuse else []
     built: dict[int, nn.Module] = {}
     patches: list[Patch] = []
     taken: list[str] = []
+    for group in groups:
+        for (path, parent, child, child_name, _), member in zip(group, _build_group(group, cls)):
+            built[id(child)] = member
+            patches.append(ItemPatch(parent._modules, child_name, member, label=f"{path} (module)"))
+            taken.append(path)
     for path, parent, child, child_name, _ in eligible:
+        if isinstance(built.get(id(child)), FusedProjection):
+            continue
         te = built.get(id(child))
         if te is None:
             te = built[id(child)] = _build(child, cls)
@@ -292,7 +386,7 @@ def inject_te_linear(
     handle.on_revert.append(functools.partial(_sync_mode, pairs))  # deepcopy-safe, unlike a closure
     handle.taken = taken  # type: ignore[attr-defined]
     handle.recipe = check_recipe(recipe)  # type: ignore[attr-defined]
-    handle.plan = _rows(rows)  # type: ignore[attr-defined]
+    handle.plan = _rows(rows, _fused_with(groups))  # type: ignore[attr-defined]
     return handle.apply()
 
 

@@ -4,7 +4,8 @@
 (`in_features, out_features, bias=..., params_dtype=..., device=...`), names its parameters `weight`/`bias`,
 keeps no bias parameter when built with `bias=False` (TE keeps an empty plain tensor there), adds an
 `_extra_state` entry to `state_dict` as TE does (an empty uint8 tensor: no FP8 state), and its forward is
-`forward(inp, is_first_microbatch=None, fp8_output=False, fp8_grad=False)`.
+`forward(inp, is_first_microbatch=None, fp8_output=False, fp8_grad=False)`. With `parameters_split={name: rows}`
+it keeps one `{name}_weight` (and `{name}_bias`) Parameter per entry, as TE does, and concatenates them per call.
 
 Outside `reference_fp8_autocast` it computes `F.linear` exactly. Inside, it emulates the *forward* rounding
 of TE's current scaling: input and weight are scaled per tensor to e4m3's range (amax -> 448), rounded to
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .te_fused import split_parameter_names
 
 __all__ = ["ReferenceTELinear", "reference_fp8_autocast"]
 
@@ -63,6 +66,7 @@ class ReferenceTELinear(nn.Module):
         bias: bool = True,
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = "cuda",
+        parameters_split: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -71,13 +75,25 @@ class ReferenceTELinear(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         dtype = params_dtype if params_dtype is not None else torch.get_default_dtype()
+        split = {"": out_features} if parameters_split is None else dict(parameters_split)
+        if sum(split.values()) != out_features or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in split.values()
+        ):
+            raise ValueError(
+                f"parameters_split must map names to positive row counts summing to out_features="
+                f"{out_features}, got {parameters_split!r}"
+            )
         self.in_features, self.out_features, self.use_bias = in_features, out_features, bias
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        nn.init.normal_(self.weight, std=0.02)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-        else:
-            self.bias = torch.empty(0, dtype=dtype, device=device)  # a plain tensor, as TE keeps it
+        self._weight_names = [split_parameter_names(n)[0] if n else "weight" for n in split]
+        self._bias_names = [split_parameter_names(n)[1] if n else "bias" for n in split]
+        for weight_name, bias_name, rows in zip(self._weight_names, self._bias_names, split.values()):
+            weight = nn.Parameter(torch.empty(rows, in_features, dtype=dtype, device=device))
+            nn.init.normal_(weight, std=0.02)
+            setattr(self, weight_name, weight)
+            if bias:
+                setattr(self, bias_name, nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)))
+            else:  # a plain tensor, as TE keeps it
+                setattr(self, bias_name, torch.empty(0, dtype=dtype, device=device))
         self._cached_weight: torch.Tensor | None = None
 
     def forward(
@@ -87,16 +103,17 @@ class ReferenceTELinear(nn.Module):
         fp8_output: bool = False,
         fp8_grad: bool = False,
     ) -> torch.Tensor:
-        bias = self.bias if self.use_bias else None
+        weight = torch.cat([getattr(self, n) for n in self._weight_names])
+        bias = torch.cat([getattr(self, n) for n in self._bias_names]) if self.use_bias else None
         if _ACTIVE_RECIPE.get() is None:
-            return F.linear(inp, self.weight, bias)
+            return F.linear(inp, weight, bias)
         if is_first_microbatch is False and self._cached_weight is not None:
             quantized = self._cached_weight
         else:
-            quantized = _fake_e4m3(self.weight).detach()
+            quantized = _fake_e4m3(weight).detach()
             self._cached_weight = quantized if is_first_microbatch else None
-        # Value of the (cached) FP8 weight, gradient to the live parameter.
-        weight = quantized + (self.weight - self.weight.detach())
+        # Value of the (cached) FP8 weight, gradient to the live parameters.
+        weight = quantized + (weight - weight.detach())
         return F.linear(_fake_e4m3(inp), weight, bias)
 
     def get_extra_state(self) -> torch.Tensor:

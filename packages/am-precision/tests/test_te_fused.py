@@ -1,0 +1,204 @@
+"""inject_te_linear(fuse=True): sibling projections (q/k/v, gate/up) share one TE Linear, on tiny HF models
+with TE's Linear stood in for by ReferenceTELinear (exact F.linear outside FP8 autocast). References: the
+same model unswapped (logits, grads, trained values) and F.linear of each member's own weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import am_precision as ap
+from am_precision.te_fused import FusedProjection
+
+REF = ap.ReferenceTELinear
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+# Fusing changes only the GEMM's blocking (one [q;k;v] product instead of three): fp32 rounding noise.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _llama(**kw):
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _count_gemms(model):
+    calls = []
+    tes = {id(m.group.te): m.group.te for m in model.modules() if isinstance(m, FusedProjection)}
+    tes |= {id(m): m for m in model.modules() if type(m) is REF}
+    for te in tes.values():
+        te.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    return calls
+
+
+def test_fused_llama_equals_the_plain_model_with_fewer_gemms():
+    plain, model = _llama().train(), _llama().train()
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plan = ap.plan_te_linear(model, linear_cls=REF, fuse=True)
+    reasons = {r.name: r.reason for r in plan}
+    assert reasons["model.layers.0.self_attn.q_proj"] == "32->32, one GEMM with k_proj, v_proj"
+    assert reasons["model.layers.1.mlp.up_proj"] == "32->64, one GEMM with gate_proj"
+    assert reasons["model.layers.0.self_attn.o_proj"] == "32->32"
+    handle = ap.inject_te_linear(model, linear_cls=REF, fuse=True)
+    assert len(handle.taken) == 14 and handle.plan == plan
+    for name in handle.taken:
+        assert model.get_submodule(name).weight is weights[name]  # the original Parameter objects
+    calls = _count_gemms(model)
+    loss = model(IDS, labels=IDS).loss
+    assert len(calls) == 2 * 4  # per layer: [q;k;v], o, [gate;up], down (was 7)
+    ref = plain(IDS, labels=IDS).loss
+    torch.testing.assert_close(loss, ref, **TOL)
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    # The members carry the plain HF keys; only the unfused TE Linears (o_proj, down_proj) add extra state.
+    extra = {k for k in model.state_dict() if k.endswith("._extra_state")}
+    assert {k.split(".")[-2] for k in extra} == {"o_proj", "down_proj"}
+    assert set(model.state_dict()) - extra == set(plain.state_dict())
+    handle.revert()
+
+
+def test_undo_restores_identity_and_the_trained_values():
+    model = _llama().train()
+    before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    handle = ap.inject_te_linear(model, linear_cls=REF, fuse=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    trained = {n: model.get_submodule(n).weight.detach().clone() for n in handle.taken}
+    logits = model(IDS).logits
+    model.eval()
+    assert ap.remove_te_linear(model)
+    for name, module in before.items():
+        assert model.get_submodule(name) is module and not module.training
+    for name in handle.taken:
+        assert torch.equal(before[name].weight, trained[name])
+    torch.testing.assert_close(model(IDS).logits, logits, **TOL)
+
+
+def test_deepcopy_gives_an_independent_equal_model():
+    model = _llama()
+    ap.inject_te_linear(model, linear_cls=REF, fuse=True)
+    ref = model(IDS).logits
+    for twin in (copy.deepcopy(model), copy.deepcopy(copy.deepcopy(model))):
+        q = twin.model.layers[0].self_attn.q_proj
+        assert (
+            isinstance(q, FusedProjection) and q.weight is not model.model.layers[0].self_attn.q_proj.weight
+        )
+        assert q.group.te.q_proj_weight is q.weight  # the copy's TE Linear holds the copy's Parameters
+        assert q.group is twin.model.layers[0].self_attn.v_proj.group
+        torch.testing.assert_close(twin(IDS).logits, ref, rtol=0, atol=0)
+        with torch.no_grad():
+            q.weight.zero_()
+        assert not torch.equal(twin(IDS).logits, ref) and torch.equal(model(IDS).logits, ref)
+
+
+def test_plain_state_dict_loads_into_the_fused_model():
+    plain, model = _llama(), _llama()
+    ap.inject_te_linear(model, linear_cls=REF, fuse=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.endswith("_extra_state") for k in result.missing_keys)
+    assert not any(k.split(".")[-2] in ("q_proj", "up_proj") for k in result.missing_keys)
+    plain.load_state_dict(ap.get_plain_state_dict(model))  # and back, strictly
+    torch.testing.assert_close(model(IDS).logits, plain(IDS).logits, **TOL)
+
+
+def test_what_is_not_fused():
+    class Cross(nn.Module):  # keys and values read another sequence
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(32, 32, bias=False) for _ in range(3))
+
+    class Mixed(nn.Module):  # q has a bias, k and v do not; gate/up differ in input width
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(32, 32)
+            self.k_proj, self.v_proj = nn.Linear(32, 16, bias=False), nn.Linear(32, 16, bias=False)
+            self.gate_proj, self.up_proj = nn.Linear(32, 64, bias=False), nn.Linear(48, 64, bias=False)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder_attn, self.cross_attention, self.mixed = Cross(), Cross(), Mixed()
+            self.mixed.shared = self.mixed.k_proj  # a module under two names keeps its own TE Linear
+            self.skipped = Cross()
+
+    model = Root()
+    plan = {
+        r.name: r.reason for r in ap.plan_te_linear(model, linear_cls=REF, fuse=True, skip=["skipped.v_proj"])
+    }
+    assert plan["encoder_attn.q_proj"] == plan["cross_attention.k_proj"] == "32->32"
+    assert (plan["mixed.q_proj"], plan["mixed.gate_proj"], plan["mixed.up_proj"]) == (
+        "32->32",
+        "32->64",
+        "48->64",
+    )
+    assert plan["mixed.k_proj"] == "32->16" and plan["mixed.v_proj"] == "32->16"
+    assert plan["skipped.q_proj"] == "32->32, one GEMM with k_proj"  # what is eligible still fuses
+    assert plan["skipped.v_proj"].startswith("skipped by")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 1), st.booleans(), st.booleans()), min_size=1, max_size=10
+    )
+)
+def test_every_call_is_its_own_linear_whatever_the_call_order(calls):
+    """Any order of member calls, on shared or distinct inputs modified in place or not, under grad or
+    no_grad, gives each member exactly F.linear of its own weight (the cache never serves a stale output)."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (nn.Linear(16, n, bias=True) for n in (16, 32, 16))
+    ap.inject_te_linear(parent, linear_cls=REF, fuse=True)
+    members = [parent.q_proj, parent.k_proj, parent.v_proj]
+    inputs = [torch.randn(3, 16), torch.randn(3, 16)]
+    for member, which, modify, grad in calls:
+        if modify:
+            inputs[which].mul_(1.5)
+        with torch.set_grad_enabled(grad):
+            out = members[member](inputs[which])
+        m = members[member]
+        torch.testing.assert_close(out, F.linear(inputs[which], m.weight, m.bias), **TOL)
+        assert out.requires_grad == grad
+
+
+def test_first_microbatch_flag_reaches_the_group():
+    model = _llama()
+    ap.inject_te_linear(model, linear_cls=REF, fuse=True)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(4, 32)
+    with ap.reference_fp8_autocast():
+        outs = []
+        for step, _ in enumerate(ap.iter_microbatches(range(2))):
+            outs.append(attn.k_proj(x))
+            if step == 0:  # the cached FP8 weight is reused on the second microbatch
+                with torch.no_grad():
+                    attn.k_proj.weight.mul_(2)
+        assert torch.equal(outs[0], outs[1])
+        assert not torch.equal(attn.k_proj(x), outs[0])
+
+
+def test_fuse_must_be_a_bool():
+    with pytest.raises(TypeError, match="fuse"):
+        ap.inject_te_linear(_llama(), linear_cls=REF, fuse="yes")
