@@ -202,3 +202,32 @@ def test_first_microbatch_flag_reaches_the_group():
 def test_fuse_must_be_a_bool():
     with pytest.raises(TypeError, match="fuse"):
         ap.inject_te_linear(_llama(), linear_cls=REF, fuse="yes")
+
+
+def test_members_outputs_are_their_own_tensors():
+    """A layer that modifies one projection in place, and a loss that reads only some members, train
+    exactly as unfused: each member's output is a contiguous tensor of its own (no view of the group's
+    output), and an unused member's gradient is zero."""
+    torch.manual_seed(0)
+    plain = nn.Module()
+    plain.q_proj, plain.k_proj, plain.v_proj = (nn.Linear(16, n, bias=True) for n in (32, 16, 16))
+    fused = copy.deepcopy(plain)
+    ap.inject_te_linear(fused, linear_cls=REF, fuse=True)
+    x = torch.randn(2, 5, 16)
+    assert isinstance(fused.k_proj, FusedProjection)
+    grads = []
+    for parent in (plain, fused):
+        xi = x.clone().requires_grad_()
+        q, k = parent.q_proj(xi), parent.k_proj(xi)
+        parent.v_proj(xi)  # computed, never used
+        q.mul_(3.0)
+        if parent is fused:
+            assert q.is_contiguous() and k.is_contiguous() and q._base is None and k._base is None
+        ((q[..., :16] * k).sum() + q.square().sum()).backward()
+        grads.append([xi.grad] + [p.grad for p in parent.parameters()])
+    unused = {id(p) for p in plain.v_proj.parameters()}
+    for got, want, p in zip(grads[1], grads[0], [None, *plain.parameters()]):
+        if id(p) in unused:  # unfused: no gradient at all; fused: the group's GEMM gives it zeros
+            assert want is None and not got.any()
+        else:
+            torch.testing.assert_close(got, want, **TOL)

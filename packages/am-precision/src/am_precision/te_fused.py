@@ -33,6 +33,25 @@ def split_parameter_names(name: str) -> tuple[str, str]:
     return f"{stem}_weight", f"{stem}_bias"
 
 
+class _Columns(torch.autograd.Function):
+    """The members' outputs from the group's output: each a contiguous tensor of its own, one cat backward.
+
+    Slicing views instead would cost more than the fusion saves: consumers that need contiguous inputs
+    (Liger's SwiGLU and RoPE, attention kernels) copy each view anyway, and each view's backward writes a
+    zero-filled tensor of the whole output that autograd then sums. Own tensors (not views) also leave a
+    model free to modify its projection in place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(piece.clone(memory_format=torch.contiguous_format) for piece in out.split(sizes, -1))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # A member whose output took no part in the loss arrives as zeros (materialized grads).
+        return torch.cat(grads, -1), None
+
+
 class FusedGroup:
     """The shared state of one group: its TE Linear, the members' output sizes and the pending outputs."""
 
@@ -43,7 +62,7 @@ class FusedGroup:
     def _clear(self) -> None:
         self._input: torch.Tensor | None = None
         self._key: tuple[Any, ...] = ()
-        self._output: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
         self._pending: set[int] = set()
 
     def __call__(self, index: int, inp: torch.Tensor, training: bool, is_first_microbatch: bool | None):
@@ -53,10 +72,9 @@ class FusedGroup:
                 self.te.train(training)
             out = self.te(inp, is_first_microbatch)
             self._input, self._key = inp, key
-            self._output, self._pending = out, set(range(len(self.sizes)))
+            self._outputs, self._pending = _Columns.apply(out, tuple(self.sizes)), set(range(len(self.sizes)))
         self._pending.discard(index)
-        # narrow, not split: a single view per member, so a model may still modify its projection in place.
-        result = self._output.narrow(-1, sum(self.sizes[:index]), self.sizes[index])
+        result = self._outputs[index]
         if not self._pending:
             self._clear()  # hold neither the input nor the outputs past the last member's call
         return result
