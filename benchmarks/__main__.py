@@ -88,6 +88,27 @@ GOALS = (
         1.30,
         True,
     ),
+    (
+        "packing_1b_fused",
+        ("shapes", "1b_4k", "ratios", "best / native_flex_liger"),
+        "1B @ 4k rows, repeat run with the fused q/k/v + gate/up paths: best / HF-native flex + Liger",
+        1.15,
+        True,
+    ),
+    (
+        "packing_1b_fused_run2",
+        ("shapes", "1b_4k", "ratios", "best / native_flex_liger"),
+        "1B @ 4k rows, repeat run, baseline first: best / HF-native flex + Liger",
+        1.15,
+        True,
+    ),
+    (
+        "packing_long_fused",
+        ("shapes", "long_16k", "ratios", "best / native_flex"),
+        "long context @ 16k rows, repeat run with the fused paths: best / HF-native flex",
+        1.30,
+        True,
+    ),
     ("fp8", ("fp8_vs_bf16_tokens_per_s_1b",), "FP8 (current scaling) / bf16 stack tokens/s, 1B", 1.3, True),
     (
         "packing",
