@@ -56,6 +56,9 @@ SHAPES = {
 SMOKE = Shape(64, 2, 4, 128, 256, 64, 2, 8, 64, steps=2)
 
 
+QKV = (("q_proj", "k_proj", "v_proj"),)
+
+
 @dataclass(frozen=True)
 class Path_:
     """One way to train on the packed documents."""
@@ -66,7 +69,8 @@ class Path_:
     liger: bool = False
     compile: bool = False
     fp8: str = ""  # an FP8 recipe name: am-precision's TE Linear swap + FP8 autocast with that recipe
-    fuse: bool = False  # the swap gives q/k/v and gate/up one TE Linear each (inject_te_linear(fuse=True))
+    # inject_te_linear's fuse: True gives q/k/v and gate/up one TE Linear each; QKV fuses q/k/v only
+    fuse: bool | tuple[tuple[str, ...], ...] = False
     baseline: bool = False
 
     def describe(self) -> str:
@@ -79,7 +83,8 @@ class Path_:
             x
             for x, on in (
                 (f"FP8 linears (TE, {self.fp8} scaling)", bool(self.fp8)),
-                ("fused q/k/v and gate/up GEMMs", self.fuse),
+                ("fused q/k/v and gate/up GEMMs", self.fuse is True),
+                ("fused q/k/v GEMM", self.fuse == QKV),
                 ("Liger", self.liger),
                 ("torch.compile per layer", self.compile),
             )
@@ -113,6 +118,15 @@ PATHS = (
         "ours_varlen_liger_fp8_delayed_fused", "torch_varlen", "indexed", liger=True, fp8="delayed", fuse=True
     ),
     Path_("ours_te_liger_fp8_delayed_fused", "te", "indexed", liger=True, fp8="delayed", fuse=True),
+    Path_("ours_varlen_liger_fp8_fused_qkv", "torch_varlen", "indexed", liger=True, fp8="current", fuse=QKV),
+    Path_(
+        "ours_varlen_liger_fp8_delayed_fused_qkv",
+        "torch_varlen",
+        "indexed",
+        liger=True,
+        fp8="delayed",
+        fuse=QKV,
+    ),
 )
 
 
@@ -450,6 +464,7 @@ PROFILE = {
     "ours_varlen_liger_fp8",
     "ours_varlen_liger_fp8_delayed",
     "ours_varlen_liger_fp8_delayed_fused",
+    "ours_varlen_liger_fp8_delayed_fused_qkv",
 }
 
 
@@ -545,6 +560,8 @@ LONG_PATHS = {
     "ours_varlen_liger_fp8_fused",
     "ours_varlen_liger_fp8_delayed_fused",
     "ours_te_liger_fp8_delayed_fused",
+    "ours_varlen_liger_fp8_fused_qkv",
+    "ours_varlen_liger_fp8_delayed_fused_qkv",
 }
 
 if __name__ == "__main__":

@@ -246,7 +246,9 @@ def _is_liger_dispatch_break(reason: str) -> bool:
     return "torch.compiler.disable" in reason and any(name in reason for name in named)
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize(
+    "fuse", [False, True, [("q_proj", "k_proj", "v_proj")]], ids=["unfused", "fused", "qkv"]
+)
 def test_fp8_fastest_stack_trains_packed_like_per_document(fuse):
     """FP8 linears (TE, current scaling) + Liger + torch varlen + indexed packing, the README's fastest
     recipe: the packed step's loss and logits match the same stack run document by document.

@@ -199,9 +199,37 @@ def test_first_microbatch_flag_reaches_the_group():
         assert not torch.equal(attn.k_proj(x), outs[0])
 
 
-def test_fuse_must_be_a_bool():
-    with pytest.raises(TypeError, match="fuse"):
-        ap.inject_te_linear(_llama(), linear_cls=REF, fuse="yes")
+def test_fuse_names_the_groups():
+    plain, model = _llama().train(), _llama().train()
+    handle = ap.inject_te_linear(model, linear_cls=REF, fuse=[("q_proj", "k_proj", "v_proj")])
+    reasons = {r.name: r.reason for r in handle.plan}
+    assert reasons["model.layers.0.self_attn.k_proj"] == "32->16, one GEMM with q_proj, v_proj"
+    assert reasons["model.layers.0.mlp.up_proj"] == "32->64"
+    calls = _count_gemms(model)
+    loss = model(IDS, labels=IDS).loss
+    assert len(calls) == 2 * 5  # per layer: [q;k;v], o, gate, up, down
+    torch.testing.assert_close(loss, plain(IDS, labels=IDS).loss, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("fuse", "error"),
+    [
+        ("yes", TypeError),
+        (1, TypeError),
+        ([("q_proj",)], TypeError),
+        ([("q_proj", 3)], TypeError),
+        (["q_proj"], TypeError),
+        ([], ValueError),
+        ([("q_proj", "k_proj"), ("k_proj", "v_proj")], ValueError),
+    ],
+)
+def test_bad_fuse_is_refused(fuse, error):
+    model = _llama()
+    with pytest.raises(error, match="fuse"):
+        ap.inject_te_linear(model, linear_cls=REF, fuse=fuse)
+    with pytest.raises(error, match="fuse"):
+        ap.plan_te_linear(model, linear_cls=REF, fuse=fuse)
+    assert not any(type(m) is REF for m in model.modules())
 
 
 def test_members_outputs_are_their_own_tensors():

@@ -22,7 +22,9 @@ weights, meta-device weights, modules with hooks, non-float16/bfloat16/float32 w
 
 `fuse=True` runs each group of eligible siblings in `FUSED_SIBLINGS` (one parent, same input width, dtype,
 device and bias presence, not a cross-attention) as one TE Linear (`te_fused`): fewer TE calls per layer,
-which is what bounds a ~1B model's FP8 step. The plan says which rows share a GEMM.
+which is what bounds a ~1B model's FP8 step; `fuse=[names, ...]` fuses the groups given (each member's
+output is copied out of the shared GEMM, so wide groups such as gate/up may cost more than they save).
+The plan says which rows share a GEMM.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import functools
 import types
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -112,9 +114,15 @@ class _Context:
     """What the per-module decision needs to know about the whole model (computed once)."""
 
     def __init__(
-        self, model: nn.Module, recipe: object, skip: tuple[str, ...], include_lm_head: bool, real_te: bool
+        self,
+        model: nn.Module,
+        recipe: object,
+        skip: tuple[str, ...],
+        include_lm_head: bool,
+        real_te: bool,
+        fuse: tuple[tuple[str, ...], ...] = (),
     ):
-        self.skip, self.include_lm_head, self.real_te = skip, include_lm_head, real_te
+        self.skip, self.include_lm_head, self.real_te, self.fuse = skip, include_lm_head, real_te, fuse
         self.align = 32 if recipe == "mxfp8" else 16
         self.fp32_keywords = get_fp32_module_keywords(model)
         self.expert_counts = _expert_counts(model)
@@ -197,8 +205,28 @@ def _is_cross_attention(path: str, parent: nn.Module) -> bool:
     return any(marker in part.lower().replace("_", "") for part in where for marker in _CROSS_ATTENTION)
 
 
-def _fusable(eligible: list[Row]) -> list[list[Row]]:
-    """The groups of `FUSED_SIBLINGS` that can share one TE Linear (each module in at most one group)."""
+def _check_fuse(fuse: object) -> tuple[tuple[str, ...], ...]:
+    """`fuse` as the sibling groups to fuse: True is `FUSED_SIBLINGS`, False none, else the groups given."""
+    if isinstance(fuse, bool):
+        return FUSED_SIBLINGS if fuse else ()
+    expected = "True, False or groups of sibling names such as [('q_proj', 'k_proj', 'v_proj')]"
+    if isinstance(fuse, (str, bytes)) or not isinstance(fuse, Iterable):
+        raise TypeError(f"fuse must be {expected}, got {fuse!r}")
+    groups = tuple(tuple(g) if isinstance(g, (list, tuple)) else g for g in fuse)
+    names = [n for g in groups if isinstance(g, tuple) for n in g]
+    if not all(
+        isinstance(g, tuple) and len(g) >= 2 and all(isinstance(n, str) and n for n in g) for g in groups
+    ):
+        raise TypeError(f"fuse must be {expected}, got {fuse!r}")
+    if not groups:
+        raise ValueError("fuse: no groups given; pass False to fuse nothing")
+    if len(set(names)) != len(names):
+        raise ValueError(f"fuse: a name may be in one group only, got {fuse!r}")
+    return groups
+
+
+def _fusable(eligible: list[Row], spec: tuple[tuple[str, ...], ...]) -> list[list[Row]]:
+    """The groups of `spec` that can share one TE Linear (each module in at most one group)."""
     registrations = Counter(id(row[2]) for row in eligible)
     by_parent: dict[int, dict[str, Row]] = {}
     for row in eligible:
@@ -206,7 +234,7 @@ def _fusable(eligible: list[Row]) -> list[list[Row]]:
             by_parent.setdefault(id(row[1]), {})[row[3]] = row
     groups = []
     for children in by_parent.values():
-        for names in FUSED_SIBLINGS:
+        for names in spec:
             rows = [children[n] for n in names if n in children]
             if len(rows) < 2 or _is_cross_attention(rows[0][0], rows[0][1]):
                 continue
@@ -230,12 +258,13 @@ def _context(model, recipe, skip, include_lm_head, linear_cls, fuse=False) -> _C
     check_model(model)
     recipe = check_recipe(recipe)
     check_bool(include_lm_head, "include_lm_head")
-    check_bool(fuse, "fuse")
     if linear_cls is not None and not callable(linear_cls):
         raise TypeError(
             f"linear_cls must be None or a class/callable like transformer_engine.pytorch.Linear, got {linear_cls!r}"
         )
-    return _Context(model, recipe, _check_skip(skip), include_lm_head, real_te=linear_cls is None)
+    return _Context(
+        model, recipe, _check_skip(skip), include_lm_head, real_te=linear_cls is None, fuse=_check_fuse(fuse)
+    )
 
 
 def plan_te_linear(
@@ -245,11 +274,12 @@ def plan_te_linear(
     skip: Iterable[str] = (),
     include_lm_head: bool = False,
     linear_cls: Callable[..., nn.Module] | None = None,
-    fuse: bool = False,
+    fuse: bool | Iterable[Sequence[str]] = False,
 ) -> list[PlanRow]:
     """For each `nn.Linear` (and each module we swapped in): `(name, taken, reason)`; pure."""
-    walked = _walk(model, _context(model, recipe, skip, include_lm_head, linear_cls, fuse))
-    return _rows(walked, _fused_with(_fusable([r for r in walked if not r[4]])) if fuse else {})
+    ctx = _context(model, recipe, skip, include_lm_head, linear_cls, fuse)
+    walked = _walk(model, ctx)
+    return _rows(walked, _fused_with(_fusable([r for r in walked if not r[4]], ctx.fuse)))
 
 
 def _rows(walked: list[Row], fused_with: dict[int, str]) -> list[PlanRow]:
@@ -334,7 +364,7 @@ def inject_te_linear(
     skip: Iterable[str] = (),
     include_lm_head: bool = False,
     linear_cls: Callable[..., nn.Module] | None = None,
-    fuse: bool = False,
+    fuse: bool | Iterable[Sequence[str]] = False,
 ) -> PatchSet:
     """Swap every eligible `nn.Linear` for a TE Linear holding the same Parameters; returns the handle.
 
@@ -342,7 +372,8 @@ def inject_te_linear(
     multiples of 32) and kept as `handle.recipe` for `te_fp8_autocast`. `linear_cls` builds the modules
     (default `transformer_engine.pytorch.Linear`; tests pass `ReferenceTELinear`). The handle is a `PatchSet`
     (`.revert()`, context manager) with `.taken` (swapped names) and `.plan`; a second call returns it.
-    `fuse=True` gives each group of `FUSED_SIBLINGS` one TE Linear (TE's `parameters_split`).
+    `fuse=True` gives each group of `FUSED_SIBLINGS` one TE Linear (TE's `parameters_split`); a list of
+    name groups, e.g. `[("q_proj", "k_proj", "v_proj")]`, fuses those only.
     ValueError when no linear is eligible, ImportError without transformer-engine (and no `linear_cls`).
     Call after casting and loading weights, before Liger, TE attention, packing and FSDP wrapping.
     """
@@ -361,7 +392,7 @@ def inject_te_linear(
             f"inject_te_linear: {type(model).__name__} has no nn.Linear that can run on TE "
             f"({len(rows)} linear modules; reasons: {reasons or 'no nn.Linear at all'})"
         )
-    groups = _fusable(eligible) if fuse else []
+    groups = _fusable(eligible, ctx.fuse)
     built: dict[int, nn.Module] = {}
     patches: list[Patch] = []
     taken: list[str] = []
