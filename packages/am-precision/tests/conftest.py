@@ -106,6 +106,18 @@ def tiny_causal_lm():
 
 
 @pytest.fixture
+def tiny_llama():
+    """`build(**config_overrides)`: the tiny Llama of `_tiny_llama_config`, seeded, in training mode."""
+    from transformers import LlamaForCausalLM
+
+    def build(**kw):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(_tiny_llama_config(**kw))
+
+    return build
+
+
+@pytest.fixture
 def keep_llama():
     """A tiny Llama whose class declares `_keep_in_fp32_modules` (no tiny stock model in every version does)."""
     from transformers import LlamaForCausalLM

@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,21 +22,6 @@ IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def _llama(**kw):
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **kw,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
-
-
 def _count_gemms(model):
     calls = []
     tes = {id(m.group.te): m.group.te for m in model.modules() if isinstance(m, FusedProjection)}
@@ -47,8 +31,8 @@ def _count_gemms(model):
     return calls
 
 
-def test_fused_llama_equals_the_plain_model_with_fewer_gemms():
-    plain, model = _llama().train(), _llama().train()
+def test_fused_llama_equals_the_plain_model_with_fewer_gemms(tiny_llama):
+    plain, model = tiny_llama().train(), tiny_llama().train()
     weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plan = ap.plan_te_linear(model, linear_cls=REF, fuse=True)
     reasons = {r.name: r.reason for r in plan}
@@ -75,8 +59,8 @@ def test_fused_llama_equals_the_plain_model_with_fewer_gemms():
     handle.revert()
 
 
-def test_undo_restores_identity_and_the_trained_values():
-    model = _llama().train()
+def test_undo_restores_identity_and_the_trained_values(tiny_llama):
+    model = tiny_llama().train()
     before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     handle = ap.inject_te_linear(model, linear_cls=REF, fuse=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -93,8 +77,8 @@ def test_undo_restores_identity_and_the_trained_values():
     torch.testing.assert_close(model(IDS).logits, logits, **TOL)
 
 
-def test_deepcopy_gives_an_independent_equal_model():
-    model = _llama()
+def test_deepcopy_gives_an_independent_equal_model(tiny_llama):
+    model = tiny_llama()
     ap.inject_te_linear(model, linear_cls=REF, fuse=True)
     ref = model(IDS).logits
     for twin in (copy.deepcopy(model), copy.deepcopy(copy.deepcopy(model))):
@@ -110,8 +94,8 @@ def test_deepcopy_gives_an_independent_equal_model():
         assert not torch.equal(twin(IDS).logits, ref) and torch.equal(model(IDS).logits, ref)
 
 
-def test_plain_state_dict_loads_into_the_fused_model():
-    plain, model = _llama(), _llama()
+def test_plain_state_dict_loads_into_the_fused_model(tiny_llama):
+    plain, model = tiny_llama(), tiny_llama()
     ap.inject_te_linear(model, linear_cls=REF, fuse=True)
     with torch.no_grad():
         for p in plain.parameters():
@@ -183,8 +167,8 @@ def test_every_call_is_its_own_linear_whatever_the_call_order(calls):
         assert out.requires_grad == grad
 
 
-def test_first_microbatch_flag_reaches_the_group():
-    model = _llama()
+def test_first_microbatch_flag_reaches_the_group(tiny_llama):
+    model = tiny_llama()
     ap.inject_te_linear(model, linear_cls=REF, fuse=True)
     attn = model.model.layers[0].self_attn
     x = torch.randn(4, 32)
@@ -199,8 +183,8 @@ def test_first_microbatch_flag_reaches_the_group():
         assert not torch.equal(attn.k_proj(x), outs[0])
 
 
-def test_fuse_names_the_groups():
-    plain, model = _llama().train(), _llama().train()
+def test_fuse_names_the_groups(tiny_llama):
+    plain, model = tiny_llama().train(), tiny_llama().train()
     handle = ap.inject_te_linear(model, linear_cls=REF, fuse=[("q_proj", "k_proj", "v_proj")])
     reasons = {r.name: r.reason for r in handle.plan}
     assert reasons["model.layers.0.self_attn.k_proj"] == "32->16, one GEMM with q_proj, v_proj"
@@ -223,8 +207,8 @@ def test_fuse_names_the_groups():
         ([("q_proj", "k_proj"), ("k_proj", "v_proj")], ValueError),
     ],
 )
-def test_bad_fuse_is_refused(fuse, error):
-    model = _llama()
+def test_bad_fuse_is_refused(fuse, error, tiny_llama):
+    model = tiny_llama()
     with pytest.raises(error, match="fuse"):
         ap.inject_te_linear(model, linear_cls=REF, fuse=fuse)
     with pytest.raises(error, match="fuse"):
