@@ -71,6 +71,7 @@ class Path_:
     fp8: str = ""  # an FP8 recipe name: am-precision's TE Linear swap + FP8 autocast with that recipe
     # inject_te_linear's fuse: True gives q/k/v and gate/up one TE Linear each; QKV fuses q/k/v only
     fuse: bool | tuple[tuple[str, ...], ...] = False
+    mlp: bool = False  # inject_te_mlp: post-attention RMSNorm + MLP as one TE LayerNormMLP (FP8 paths)
     baseline: bool = False
 
     def describe(self) -> str:
@@ -85,6 +86,7 @@ class Path_:
                 (f"FP8 linears (TE, {self.fp8} scaling)", bool(self.fp8)),
                 ("fused q/k/v and gate/up GEMMs", self.fuse is True),
                 ("fused q/k/v GEMM", self.fuse == QKV),
+                ("norm + MLP as one TE LayerNormMLP", self.mlp),
                 ("Liger", self.liger),
                 ("torch.compile per layer", self.compile),
             )
@@ -126,6 +128,27 @@ PATHS = (
         liger=True,
         fp8="delayed",
         fuse=QKV,
+    ),
+    Path_(
+        "ours_varlen_liger_fp8_mlp_qkv",
+        "torch_varlen",
+        "indexed",
+        liger=True,
+        fp8="current",
+        fuse=QKV,
+        mlp=True,
+    ),
+    Path_(
+        "ours_varlen_liger_fp8_delayed_mlp_qkv",
+        "torch_varlen",
+        "indexed",
+        liger=True,
+        fp8="delayed",
+        fuse=QKV,
+        mlp=True,
+    ),
+    Path_(
+        "ours_varlen_liger_fp8_delayed_mlp", "torch_varlen", "indexed", liger=True, fp8="delayed", mlp=True
     ),
 )
 
@@ -256,12 +279,16 @@ def stack(model: torch.nn.Module, path: Path_, te_cls: Any) -> Iterator[Callable
         if path.fp8:
             import am_precision
 
-            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8, fuse=path.fuse))
             step_context = functools.partial(am_precision.te_fp8_autocast, path.fp8)
+        if path.fp8 and not path.mlp:
+            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8, fuse=path.fuse))
         if path.liger:
             import am_kernels
 
             am_kernels.patch_liger_kernel(model)
+        if path.fp8 and path.mlp:  # after Liger, which would look for the MLPs this replaces
+            undo.enter_context(am_precision.inject_te_mlp(model, recipe=path.fp8))
+            undo.enter_context(am_precision.inject_te_linear(model, recipe=path.fp8, fuse=path.fuse))
         if path.attn == "te":
             import am_attention
 
@@ -465,6 +492,7 @@ PROFILE = {
     "ours_varlen_liger_fp8_delayed",
     "ours_varlen_liger_fp8_delayed_fused",
     "ours_varlen_liger_fp8_delayed_fused_qkv",
+    "ours_varlen_liger_fp8_delayed_mlp_qkv",
 }
 
 
@@ -562,6 +590,8 @@ LONG_PATHS = {
     "ours_te_liger_fp8_delayed_fused",
     "ours_varlen_liger_fp8_fused_qkv",
     "ours_varlen_liger_fp8_delayed_fused_qkv",
+    "ours_varlen_liger_fp8_mlp_qkv",
+    "ours_varlen_liger_fp8_delayed_mlp_qkv",
 }
 
 if __name__ == "__main__":

@@ -247,9 +247,16 @@ def _is_liger_dispatch_break(reason: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    "fuse", [False, True, [("q_proj", "k_proj", "v_proj")]], ids=["unfused", "fused", "qkv"]
+    ("fuse", "mlp"),
+    [
+        (False, False),
+        (True, False),
+        ([("q_proj", "k_proj", "v_proj")], False),
+        ([("q_proj", "k_proj", "v_proj")], True),
+    ],
+    ids=["unfused", "fused", "qkv", "qkv_mlp"],
 )
-def test_fp8_fastest_stack_trains_packed_like_per_document(fuse):
+def test_fp8_fastest_stack_trains_packed_like_per_document(fuse, mlp):
     """FP8 linears (TE, current scaling) + Liger + torch varlen + indexed packing, the README's fastest
     recipe: the packed step's loss and logits match the same stack run document by document.
 
@@ -267,8 +274,12 @@ def test_fp8_fastest_stack_trains_packed_like_per_document(fuse):
     with contextlib.ExitStack() as undo:
         undo.enter_context(register_varlen_attention())
         model = _model("torch_varlen", "llama")
-        undo.enter_context(am_precision.inject_te_linear(model, recipe="current", fuse=fuse))
+        if not mlp:
+            undo.enter_context(am_precision.inject_te_linear(model, recipe="current", fuse=fuse))
         am_kernels.patch_liger_kernel(model)
+        if mlp:  # the norm + MLP as one TE LayerNormMLP, after Liger (whose MLP patch it replaces)
+            undo.enter_context(am_precision.inject_te_mlp(model, recipe="current"))
+            undo.enter_context(am_precision.inject_te_linear(model, recipe="current", fuse=fuse))
         undo.enter_context(configure_packing("torch_varlen"))
         undo.enter_context(am_precision.te_fp8_autocast("current"))
         ref_logits, ref_grads = _per_doc(model, docs)

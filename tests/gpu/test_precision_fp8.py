@@ -115,3 +115,48 @@ def test_real_te_fused_siblings_match_the_unfused_swap():
         torch.testing.assert_close(plain(ids).logits, fused(ids).logits, rtol=2**-6, atol=2**-6)
     handle.revert()
     assert type(fused.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_real_te_layernorm_mlp_matches_the_plain_model():
+    """inject_te_mlp on the real TE: in bf16 (no FP8 autocast) the model's logits and grads equal the plain
+    model's to bf16 rounding (TE rounds the norm once after scaling by the weight, HF before: one bf16 ulp,
+    2^-8 relative, per norm output), under FP8 gradient-accumulation microbatches the step trains, the
+    state_dict loads into the plain model, and undo restores the original modules."""
+    import transformer_engine.pytorch as te
+
+    from am_precision.te_mlp import FusedNormMLP
+
+    model, plain = _llama(), _llama()
+    with torch.no_grad():  # norm weights other than ones, so a misplaced or missing norm shows
+        for p, q in zip(model.parameters(), plain.parameters()):
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+                q.copy_(p)
+    originals = {n: m for n, m in model.named_modules() if n.endswith(("mlp", "post_attention_layernorm"))}
+    ids = IDS.cuda()
+    handle = ap.inject_te_mlp(model)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, FusedNormMLP) and isinstance(mlp.te, te.LayerNormMLP)
+    assert mlp.te.fc2_weight is mlp.down_proj.weight
+    assert mlp.te.layer_norm_weight is model.model.layers[0].post_attention_layernorm.weight
+    ap.inject_te_linear(model)  # the remaining q/k/v/o
+    out, ref = model(ids, labels=ids), plain(ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=2**-5, atol=2**-5)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), r in zip(model.named_parameters(), plain.parameters()):
+        rel = ((p.grad.float() - r.grad.float()).norm() / r.grad.float().norm().clamp_min(1e-12)).item()
+        assert rel < 2**-5, f"{name}: relative grad difference {rel}"
+    for _ in ap.iter_microbatches(range(2)):
+        with ap.te_fp8_autocast("current"):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss) and abs(loss.item() - ref.loss.item()) < 0.05 * ref.loss.item()
+    fresh = _llama()
+    fresh.load_state_dict(ap.get_plain_state_dict(model))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=2**-5, atol=2**-5)
+    ap.remove_te_linear(model)
+    handle.revert()
+    for name, module in originals.items():
+        assert model.get_submodule(name) is module

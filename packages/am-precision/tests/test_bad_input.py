@@ -306,6 +306,27 @@ CASES += [
     ),
     ("inject_te_linear", "model", lambda v: ap.inject_te_linear(v), lambda v: False),
     ("remove_te_linear", "model", lambda v: ap.remove_te_linear(v), lambda v: False),
+    ("plan_te_mlp", "model", lambda v: ap.plan_te_mlp(v), lambda v: False),
+    (
+        "plan_te_mlp",
+        "recipe",
+        lambda v: ap.plan_te_mlp(_tiny_linear_model(), recipe=v, mlp_cls=ap.ReferenceTELayerNormMLP),
+        _recipe_ok,
+    ),
+    (
+        "inject_te_mlp",
+        "mlp_cls",
+        lambda v: ap.inject_te_mlp(_tiny_linear_model(), mlp_cls=v),
+        lambda v: v is None or callable(v),
+    ),
+    ("inject_te_mlp", "model", lambda v: ap.inject_te_mlp(v), lambda v: False),
+    ("remove_te_mlp", "model", lambda v: ap.remove_te_mlp(v), lambda v: False),
+    (
+        "ReferenceTELayerNormMLP",
+        "ffn_hidden_size",
+        lambda v: ap.ReferenceTELayerNormMLP(16, v, bias=False, normalization="RMSNorm", activation="swiglu"),
+        _positive_int,
+    ),
     ("get_plain_state_dict", "model", lambda v: ap.get_plain_state_dict(v), lambda v: False),
     (
         "iter_microbatches",

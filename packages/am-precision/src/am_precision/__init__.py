@@ -24,7 +24,8 @@ from .norms import Float32RMSNorm, compile_unavailable_reason, float32_rms_norm
 from .rope import get_rope_config
 from .te_lazy import is_tensor_unallocated, make_lazy_te_patcher, patch_te_modules, unpatch_te_modules
 from .te_linear import get_plain_state_dict, inject_te_linear, plan_te_linear, remove_te_linear
-from .te_reference import ReferenceTELinear, reference_fp8_autocast
+from .te_mlp import inject_te_mlp, plan_te_mlp, remove_te_mlp
+from .te_reference import ReferenceTELayerNormMLP, ReferenceTELinear, reference_fp8_autocast
 from .version import __version__
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "HAVE_UCCL_EP",
     "BackendConfig",
     "Float32RMSNorm",
+    "ReferenceTELayerNormMLP",
     "ReferenceTELinear",
     "TEFp8Config",
     "__version__",
@@ -53,13 +55,16 @@ __all__ = [
     "initialize_linear_module",
     "initialize_rms_norm_module",
     "inject_te_linear",
+    "inject_te_mlp",
     "is_tensor_unallocated",
     "iter_microbatches",
     "make_lazy_te_patcher",
     "patch_te_modules",
     "plan_te_linear",
+    "plan_te_mlp",
     "reference_fp8_autocast",
     "remove_te_linear",
+    "remove_te_mlp",
     "set_is_first_microbatch",
     "set_is_optim_step",
     "te_fp8_autocast",

@@ -192,7 +192,12 @@ def _walk(model: nn.Module, ctx: _Context) -> list[tuple[str, nn.Module, nn.Modu
             if child is None or not (isinstance(child, nn.Linear) or is_swapped(child)):
                 continue
             path = f"{parent_name}.{child_name}" if parent_name else child_name
-            reason = "swapped" if is_swapped(child) else _reason(path, child, ctx)
+            if is_swapped(child):
+                reason = "swapped"
+            elif getattr(parent, "_am_te_fused_mlp", False):
+                reason = "runs inside a TE LayerNormMLP (inject_te_mlp)"
+            else:
+                reason = _reason(path, child, ctx)
             rows.append((path, parent, child, child_name, reason))
     return rows
 

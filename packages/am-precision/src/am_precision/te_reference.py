@@ -12,6 +12,7 @@ of TE's current scaling: input and weight are scaled per tensor to e4m3's range 
 `torch.float8_e4m3fn` and scaled back; gradients pass straight through (no e5m2 rounding of the backward).
 Like TE, `is_first_microbatch=True` quantizes the weight and caches it, `False` reuses the cache (the weight
 must not change between microbatches), `None` quantizes every call. It says nothing about TE's kernels.
+`ReferenceTELayerNormMLP` stands in for TE's `LayerNormMLP` (RMSNorm, SwiGLU) the same way, for `inject_te_mlp`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from .te_fused import split_parameter_names
 
-__all__ = ["ReferenceTELinear", "reference_fp8_autocast"]
+__all__ = ["ReferenceTELayerNormMLP", "ReferenceTELinear", "reference_fp8_autocast"]
 
 _E4M3_MAX = 448.0
 _ACTIVE_RECIPE: ContextVar[Any] = ContextVar("am_precision_reference_fp8_recipe", default=None)
@@ -53,6 +54,24 @@ def reference_fp8_autocast(
         yield
     finally:
         _ACTIVE_RECIPE.reset(token)
+
+
+class _WeightCache:
+    """TE's FP8 weight caching: quantize and keep on the first microbatch, reuse on the others."""
+
+    def __init__(self) -> None:
+        self._cached: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, weight: torch.Tensor, is_first_microbatch: bool | None) -> torch.Tensor:
+        quantized = self._cached.get(key) if is_first_microbatch is False else None
+        if quantized is None:
+            quantized = _fake_e4m3(weight).detach()
+            if is_first_microbatch:
+                self._cached[key] = quantized
+            else:
+                self._cached.pop(key, None)
+        # Value of the (cached) FP8 weight, gradient to the live parameters.
+        return quantized + (weight - weight.detach())
 
 
 class ReferenceTELinear(nn.Module):
@@ -94,7 +113,7 @@ class ReferenceTELinear(nn.Module):
                 setattr(self, bias_name, nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)))
             else:  # a plain tensor, as TE keeps it
                 setattr(self, bias_name, torch.empty(0, dtype=dtype, device=device))
-        self._cached_weight: torch.Tensor | None = None
+        self._weight_cache = _WeightCache()
 
     def forward(
         self,
@@ -107,13 +126,7 @@ class ReferenceTELinear(nn.Module):
         bias = torch.cat([getattr(self, n) for n in self._bias_names]) if self.use_bias else None
         if _ACTIVE_RECIPE.get() is None:
             return F.linear(inp, weight, bias)
-        if is_first_microbatch is False and self._cached_weight is not None:
-            quantized = self._cached_weight
-        else:
-            quantized = _fake_e4m3(weight).detach()
-            self._cached_weight = quantized if is_first_microbatch else None
-        # Value of the (cached) FP8 weight, gradient to the live parameters.
-        weight = quantized + (weight - weight.detach())
+        weight = self._weight_cache("weight", weight, is_first_microbatch)
         return F.linear(_fake_e4m3(inp), weight, bias)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -127,3 +140,64 @@ class ReferenceTELinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.use_bias}"
+
+
+class ReferenceTELayerNormMLP(nn.Module):
+    """`fc2(swiglu(fc1(rmsnorm(x))))` with TE LayerNormMLP's constructor, parameter names and forward.
+
+    Built as `inject_te_mlp` builds TE's (`normalization="RMSNorm"`, `activation="swiglu"`, `bias=False`);
+    parameters `layer_norm_weight` [hidden], `fc1_weight` [2 * ffn, hidden] and `fc2_weight` [hidden, ffn].
+    Like TE, the norm runs in fp32 and is rounded once to the input dtype, SiLU gates the first half of fc1's
+    output, and `zero_centered_gamma` scales by `1 + weight`. Inside `reference_fp8_autocast` the inputs and
+    weights of both GEMMs are rounded through e4m3 as `ReferenceTELinear` does.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        eps: float = 1e-5,
+        *,
+        bias: bool = True,
+        normalization: str = "LayerNorm",
+        activation: str = "gelu",
+        zero_centered_gamma: bool = False,
+        params_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = "cuda",
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        wanted = {
+            "bias": (bias, False),
+            "normalization": (normalization, "RMSNorm"),
+            "activation": (activation, "swiglu"),
+        }
+        for name, (value, supported) in wanted.items():
+            if value != supported:
+                raise ValueError(f"ReferenceTELayerNormMLP supports {name}={supported!r} only, got {value!r}")
+        dtype = params_dtype if params_dtype is not None else torch.get_default_dtype()
+        self.eps, self.zero_centered_gamma = float(eps), bool(zero_centered_gamma)
+        self.layer_norm_weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.fc1_weight = nn.Parameter(
+            torch.empty(2 * ffn_hidden_size, hidden_size, dtype=dtype, device=device)
+        )
+        self.fc2_weight = nn.Parameter(torch.empty(hidden_size, ffn_hidden_size, dtype=dtype, device=device))
+        for weight in (self.fc1_weight, self.fc2_weight):
+            nn.init.normal_(weight, std=0.02)
+        self._weight_cache = _WeightCache()
+
+    def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
+        x = inp.float()
+        gamma = self.layer_norm_weight.float() + (1 if self.zero_centered_gamma else 0)
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * gamma).to(inp.dtype)
+        fc1, fc2 = self.fc1_weight, self.fc2_weight
+        fp8 = _ACTIVE_RECIPE.get() is not None
+        if fp8:
+            normed = _fake_e4m3(normed)
+            fc1 = self._weight_cache("fc1_weight", fc1, is_first_microbatch)
+            fc2 = self._weight_cache("fc2_weight", fc2, is_first_microbatch)
+        gate, up = F.linear(normed, fc1).chunk(2, -1)
+        hidden = F.silu(gate) * up
+        return F.linear(_fake_e4m3(hidden) if fp8 else hidden, fc2)
