@@ -1,10 +1,17 @@
 """`am doctor --bench`: a short packing benchmark on the local GPU: our packed varlen vs padded SDPA and vs
-transformers' own position_ids packing on flex_attention (the full comparison is `python -m benchmarks.packing`)."""
+transformers' own position_ids packing on flex_attention; with liger-kernel installed also both with Liger,
+and with transformer-engine too the README's fastest recipe (FP8 delayed scaling, norm + MLP as one TE
+LayerNormMLP, fused q/k/v). The full comparison is `python -m benchmarks.packing`."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,14 +47,15 @@ def _config():
     )
 
 
-def _time_steps(model, batches, steps: int = 3) -> float:
-    """Seconds per pass over `batches` (forward+backward), after one warm-up pass."""
+def _time_steps(model, batches, steps: int = 3, context: Callable[[], Any] = contextlib.nullcontext) -> float:
+    """Seconds per pass over `batches` (forward+backward, the forward under `context()`), after a warm-up pass."""
     for rep in range(steps + 1):
         if rep == 1:
             torch.cuda.synchronize()
             start = time.perf_counter()
         for batch in batches:
-            loss = model(**batch).loss
+            with context():
+                loss = model(**batch).loss
             loss.backward()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -93,7 +101,7 @@ def run_bench(n_tokens: int = 32768, row_length: int = 4096) -> dict[str, float]
         t_packed = _time_steps(model, packed)
         model.set_attn_implementation("sdpa")
     tokens = float(sum(lengths))
-    return {
+    numbers = {
         "tokens": tokens,
         "padded_sdpa_tokens_per_s": tokens / t_padded,
         "native_flex_tokens_per_s": tokens / t_native,
@@ -101,6 +109,36 @@ def run_bench(n_tokens: int = 32768, row_length: int = 4096) -> dict[str, float]
         "speedup": t_padded / t_packed,
         "vs_native_flex": t_native / t_packed,
     }
+    if importlib.util.find_spec("liger_kernel") is not None:
+        numbers |= {k: tokens / t for k, t in _with_liger(model, native, packed).items()}
+    return numbers
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _with_liger(model, native: list[dict], packed: list[dict]) -> dict[str, float]:
+    """Seconds per pass with Liger: HF-native flex, and (with transformer-engine) the fastest recipe."""
+    import am_kernels
+    import am_precision
+    from am_packing import configure_packing, register_varlen_attention
+
+    times = {}
+    with contextlib.ExitStack() as undo:
+        undo.callback(am_kernels.unpatch_liger_kernel, model)
+        am_kernels.patch_liger_kernel(model)
+        model.set_attn_implementation("flex_attention")
+        times["native_flex_liger_tokens_per_s"] = _time_steps(model, native)
+        if am_precision.HAVE_TE:
+            undo.enter_context(am_precision.inject_te_mlp(model, recipe="delayed"))
+            undo.enter_context(am_precision.inject_te_linear(model, recipe="delayed", fuse=[QKV]))
+            undo.enter_context(register_varlen_attention())
+            undo.enter_context(configure_packing("torch_varlen"))
+            model.set_attn_implementation("torch_varlen")
+            fp8 = functools.partial(am_precision.te_fp8_autocast, "delayed")
+            times["fastest_recipe_tokens_per_s"] = _time_steps(model, packed, context=fp8)
+        model.set_attn_implementation("sdpa")
+    return times
 
 
 def bench_section() -> Section:
@@ -118,8 +156,11 @@ def bench_section() -> Section:
         "padded_sdpa_tokens_per_s",
         "native_flex_tokens_per_s",
         "packed_varlen_tokens_per_s",
+        "native_flex_liger_tokens_per_s",
+        "fastest_recipe_tokens_per_s",
     ):
-        section.add(INFO, measure=key, value=round(numbers[key]))
+        if key in numbers:
+            section.add(INFO, measure=key, value=round(numbers[key]))
     ok = numbers["speedup"] >= GOAL
     section.add(PASS if ok else INFO, measure="speedup (packed / padded)", value=f"{numbers['speedup']:.2f}x")
     section.add(
@@ -127,5 +168,15 @@ def bench_section() -> Section:
         measure="ours / HF-native flex (position_ids packing)",
         value=f"{numbers['vs_native_flex']:.2f}x",
     )
+    if "fastest_recipe_tokens_per_s" in numbers:
+        ratio = numbers["fastest_recipe_tokens_per_s"] / numbers["native_flex_liger_tokens_per_s"]
+        section.add(
+            PASS if ratio >= 1.0 else INFO,
+            measure="fastest recipe (FP8) / HF-native flex + Liger",
+            value=f"{ratio:.2f}x",
+        )
+    else:
+        why = "liger-kernel" if "native_flex_liger_tokens_per_s" not in numbers else "transformer-engine"
+        section.add(SKIP, measure="fastest recipe (FP8)", value=f"needs {why}; not measured")
     section.notes.append(f"{torch.cuda.get_device_name(0)}; 8-layer 1024-hidden Llama; goal ≥ {GOAL}x")
     return section
