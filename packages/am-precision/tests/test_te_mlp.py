@@ -241,3 +241,15 @@ def test_bad_arguments_raise_before_any_swap(bad):
     with pytest.raises(TypeError, match="model"):
         ap.inject_te_mlp(object(), mlp_cls=REF)
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def test_a_model_the_probe_cannot_run_is_refused(tiny_llama):
+    model = tiny_llama()
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("this model needs pixel_values")
+
+    model.forward = types.MethodType(forward, model)
+    with pytest.raises(RuntimeError, match=r"probe forward of LlamaForCausalLM .* needs pixel_values"):
+        ap.inject_te_mlp(model, mlp_cls=REF)
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"

@@ -326,7 +326,13 @@ def _model_output(model: nn.Module) -> torch.Tensor:
             f"inject_te_mlp: {type(model).__name__} has no input nn.Embedding to probe the swap with"
         )
     ids = torch.arange(1, 1 + 2 * _PROBE_ROWS, device=embeddings.weight.device) % embeddings.num_embeddings
-    out = model(input_ids=ids[None])
+    try:
+        out = model(input_ids=ids[None])
+    except Exception as exc:
+        raise RuntimeError(
+            f"inject_te_mlp: the probe forward of {type(model).__name__} on input_ids of shape "
+            f"{tuple(ids[None].shape)} failed ({type(exc).__name__}: {exc}); the swap is checked on it"
+        ) from exc
     for field in ("logits", "last_hidden_state"):
         value = getattr(out, field, None)
         if isinstance(value, torch.Tensor):
