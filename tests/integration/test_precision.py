@@ -88,3 +88,57 @@ def test_bf16_cast_keeps_instance_declared_fp32_modules(arch: str) -> None:
     text_prefix = "model.language_model." if hasattr(model.config, "text_config") else "model."
     assert {f"{text_prefix}norm.weight", "lm_head.weight"} <= kept
     assert not [n for n in kept if "layernorm" in n or "q_norm" in n or "k_norm" in n]
+
+
+def _norm_weights_off_one(model: torch.nn.Module) -> None:
+    """Norm weights other than their init, so a missing, doubled or misplaced norm changes the output."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(torch.rand(p.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize("arch", stack.arch_params())
+def test_te_mlp_is_exact_or_refused_on_every_architecture(arch: str) -> None:
+    """inject_te_mlp (reference LayerNormMLP) on every built-in model: either every swapped layer computes
+    what the plain model computes (logits, fp32) and undo restores it, or it refuses with a reason."""
+    from am_precision import ReferenceTELayerNormMLP, inject_te_mlp, plan_te_mlp
+
+    model = build_model(stack.stack_config(arch)).eval()
+    _norm_weights_off_one(model)
+    vocab = stack.text_config(model.config).vocab_size
+    ids = torch.randint(3, min(vocab, 100), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    plan = plan_te_mlp(model, mlp_cls=ReferenceTELayerNormMLP)
+    try:
+        handle = inject_te_mlp(model, mlp_cls=ReferenceTELayerNormMLP)
+    except (ValueError, RuntimeError) as exc:
+        assert "inject_te_mlp" in str(exc)
+        assert not any(type(m).__name__ == "FusedNormMLP" for m in model.modules())
+        return
+    assert handle.taken == [r.name for r in plan if r.taken]
+    with torch.no_grad():
+        # The reference rounds the norm once after the weight, HF before it: fp32 rounding apart.
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-5)
+    handle.revert()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_te_mlp_refuses_a_gemma_layout_even_when_its_mlp_is_silu() -> None:
+    """Gemma's `post_attention_layernorm` normalizes the attention output, and `pre_feedforward_layernorm`
+    the MLP input. With a SiLU MLP the pair passes the per-layer probe, so the check that refuses it is the
+    one on the whole model: the MLP does not receive that norm's output. Nothing may stay swapped."""
+    from am_precision import ReferenceTELayerNormMLP, inject_te_mlp, plan_te_mlp
+
+    if not stack.TINY_ARCHS["gemma3"].available():
+        pytest.skip("this transformers has no gemma3")
+    config = stack.stack_config("gemma3")
+    stack.text_config(config).hidden_activation = "silu"
+    model = build_model(config).eval()
+    assert all(r.taken for r in plan_te_mlp(model, mlp_cls=ReferenceTELayerNormMLP))
+    with pytest.raises(RuntimeError, match="not the unmodified tensor the layer's norm"):
+        inject_te_mlp(model, mlp_cls=ReferenceTELayerNormMLP)
+    assert not any(type(m).__name__ in ("FusedNormMLP", "NormInMLP") for m in model.modules())
