@@ -357,9 +357,19 @@ def _build_group(rows: list[Row], cls: Callable[..., nn.Module]) -> list[FusedPr
     return [FusedProjection(linear, group, i) for i, linear in enumerate(linears)]
 
 
-def _record(model: nn.Module) -> PatchSet | None:
-    record = vars(model).get(RECORD_ATTR)
+def _record(model: nn.Module, attr: str = RECORD_ATTR) -> PatchSet | None:
+    record = vars(model).get(attr)
     return record if isinstance(record, PatchSet) else None
+
+
+def revert_record(model: nn.Module, attr: str) -> bool:
+    """Revert the handle recorded on `model` under `attr`; False when there is none."""
+    check_model(model)
+    record = _record(model, attr)
+    if record is None:
+        return False
+    record.revert()
+    return True
 
 
 def inject_te_linear(
@@ -439,12 +449,7 @@ def _forward_contract(cls: type) -> Callable[[Any], None]:
 
 def remove_te_linear(model: nn.Module) -> bool:
     """Undo `inject_te_linear` on `model` (the original modules come back, by identity); False when none."""
-    check_model(model)
-    record = _record(model)
-    if record is None:
-        return False
-    record.revert()
-    return True
+    return revert_record(model, RECORD_ATTR)
 
 
 def get_plain_state_dict(model: nn.Module) -> dict[str, Any]:

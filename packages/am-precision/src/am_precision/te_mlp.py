@@ -37,7 +37,15 @@ from .fp8 import check_recipe, te_fp8_autocast
 from .fp32_rules import has_dtensor_params
 from .microbatch import get_is_first_microbatch
 from .te_lazy import _require_first_microbatch_arg, load_te
-from .te_linear import _DTYPES, TE_DEVICE_TYPE, PlanRow, _own_parameters, _sync_mode
+from .te_linear import (
+    _DTYPES,
+    TE_DEVICE_TYPE,
+    PlanRow,
+    _own_parameters,
+    _record,
+    _sync_mode,
+    revert_record,
+)
 from .te_reference import reference_fp8_autocast
 
 __all__ = ["FusedNormMLP", "NormInMLP", "inject_te_mlp", "plan_te_mlp", "remove_te_mlp"]
@@ -342,11 +350,6 @@ def _model_output(model: nn.Module) -> torch.Tensor:
     raise RuntimeError(f"inject_te_mlp: {type(model).__name__}'s output {type(out).__name__} has no logits")
 
 
-def _record(model: nn.Module) -> PatchSet | None:
-    record = vars(model).get(RECORD_ATTR)
-    return record if isinstance(record, PatchSet) else None
-
-
 def inject_te_mlp(
     model: nn.Module, *, recipe: object = "current", mlp_cls: Callable[..., nn.Module] | None = None
 ) -> PatchSet:
@@ -361,7 +364,7 @@ def inject_te_mlp(
     check_model(model)
     _check_cls(mlp_cls)
     recipe = check_recipe(recipe)
-    existing = _record(model)
+    existing = _record(model, RECORD_ATTR)
     if existing is not None and existing.applied:
         return existing
     real_te = mlp_cls is None
@@ -414,9 +417,4 @@ def inject_te_mlp(
 
 def remove_te_mlp(model: nn.Module) -> bool:
     """Undo `inject_te_mlp` on `model` (the original norm and MLP modules come back); False when none."""
-    check_model(model)
-    record = _record(model)
-    if record is None:
-        return False
-    record.revert()
-    return True
+    return revert_record(model, RECORD_ATTR)
