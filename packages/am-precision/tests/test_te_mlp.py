@@ -207,6 +207,9 @@ def test_other_refusals_name_the_reason(tiny_llama):
     assert {r.reason for r in ap.plan_te_mlp(tiny_llama(hidden_size=48), recipe="mxfp8", mlp_cls=REF)} == {
         "hidden size 48 is not a multiple of 32 (FP8 GEMM)"
     }
+    assert {r.reason for r in ap.plan_te_mlp(tiny_llama(mlp_bias=True), mlp_cls=REF)} == {
+        "a projection has a bias (TE's LayerNormMLP is built without)"
+    }
     hooked = tiny_llama()
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     reasons = [r.reason for r in ap.plan_te_mlp(hooked, mlp_cls=REF)]
@@ -253,3 +256,31 @@ def test_a_model_the_probe_cannot_run_is_refused(tiny_llama):
     with pytest.raises(RuntimeError, match=r"probe forward of LlamaForCausalLM .* needs pixel_values"):
         ap.inject_te_mlp(model, mlp_cls=REF)
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+@pytest.mark.parametrize("te_linear_first", [False, True], ids=["te_mlp_first", "te_linear_first"])
+def test_either_order_with_fused_te_linear_equals_the_plain_model(tiny_llama, te_linear_first):
+    plain, model = _pair(tiny_llama)
+    linear = dict(linear_cls=ap.ReferenceTELinear, fuse=True)
+    handles = []
+    if te_linear_first:
+        handles.append(ap.inject_te_linear(model, **linear))
+    handles.append(ap.inject_te_mlp(model, mlp_cls=REF))
+    if not te_linear_first:
+        handles.append(ap.inject_te_linear(model, **linear))
+        reasons = {r.name: r.reason for r in handles[-1].plan}
+        assert reasons["model.layers.0.self_attn.q_proj"] == "32->32, one GEMM with k_proj, v_proj"
+        assert reasons["model.layers.0.mlp.gate_proj"].startswith("runs inside a TE LayerNormMLP")
+    out, ref = model(IDS, labels=IDS), plain(IDS, labels=IDS)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    fresh = copy.deepcopy(plain)
+    fresh.load_state_dict(ap.get_plain_state_dict(model))
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits, **TOL)
+    for handle in reversed(handles):
+        handle.revert()
+    assert all(type(m).__name__ in ("LlamaMLP",) for m in (layer.mlp for layer in model.model.layers))
+    torch.testing.assert_close(model(IDS).logits, plain(IDS).logits, **TOL)

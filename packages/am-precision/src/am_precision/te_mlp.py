@@ -152,7 +152,8 @@ def _static_reason(norm: nn.Module, mlp: nn.Module, align: int, real_te: bool) -
     gate, up, down = (getattr(p, "weight", None) for p in projections)
     if not all(isinstance(w, nn.Parameter) for w in (gate, up, down)):
         return "a projection has no weight Parameter"
-    if any(getattr(p, "bias", None) is not None for p in projections):
+    # TE's Linear (swapped by inject_te_linear) keeps an empty tensor where there is no bias.
+    if any(isinstance(b := getattr(p, "bias", None), torch.Tensor) and b.numel() for p in projections):
         return "a projection has a bias (TE's LayerNormMLP is built without)"
     inter = gate.shape[0]
     if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
