@@ -384,3 +384,47 @@ def test_kernels_that_replace_the_whole_forward_refuse_an_instance_forward(tiny,
         kit.assert_same_state(pristine, kit.instance_state(model))
     finally:
         unpatch_sdpa_backends(module)
+
+
+@pytest.fixture
+def fresh_rope_kernel():
+    from am_kernels import liger_forwards
+
+    liger_forwards._rope_kernel.cache_clear()
+    yield liger_forwards._rope_kernel
+    liger_forwards._rope_kernel.cache_clear()
+
+
+def test_rope_calls_liger_triton_function_directly_not_its_compiler_disabled_dispatch(
+    fresh_rope_kernel, monkeypatch
+):
+    """liger-kernel's `liger_rotary_pos_emb` goes through `dispatch` (under torch.compiler.disable, a graph
+    break per layer); the ops call its autograd function with the same arguments instead."""
+    rope_module = pytest.importorskip("liger_kernel.ops.rope")
+    calls = []
+
+    def apply(*args):
+        calls.append(args)
+        return args[0], args[1]
+
+    monkeypatch.setattr(rope_module.LigerRopeFunction, "apply", apply)
+    rope = fresh_rope_kernel()
+    q, k, cos, sin = (torch.randn(1, 2, 4, 8) for _ in range(4))
+    assert rope(q, k, cos, sin, None, 2) == (q, k)
+    assert len(calls) == 1 and calls[0][:4] == (q, k, cos, sin) and calls[0][4:] == (None, 2)
+    assert load_liger_ops().rotary_pos_emb is rope
+
+
+def test_rope_falls_back_to_liger_public_function_when_the_autograd_function_changed(
+    fresh_rope_kernel, monkeypatch
+):
+    rope_module = pytest.importorskip("liger_kernel.ops.rope")
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    class Renamed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, cos, sin, position_ids=None, unsqueeze_dim=1):
+            raise AssertionError("not called")
+
+    monkeypatch.setattr(rope_module, "LigerRopeFunction", Renamed)
+    assert fresh_rope_kernel() is liger_rotary_pos_emb

@@ -9,6 +9,7 @@ torch bundle to check the glue numerically where Liger's Triton kernels cannot r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -48,18 +49,47 @@ class LigerOps:
                 raise TypeError(f"LigerOps.{field.name} must be callable, got {short_repr(value)}")
 
 
+# The leading parameters of liger-kernel's `LigerRopeFunction.forward` (after ctx) that the direct call passes.
+_ROPE_PARAMETERS = ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim")
+
+
+@functools.cache
+def _rope_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Liger's Triton RoPE autograd function, called directly; else its public `liger_rotary_pos_emb`.
+
+    liger-kernel >= 0.8.5 sends `liger_rotary_pos_emb` through its op `dispatch`, which it wraps in
+    `torch.compiler.disable`: one graph break per attention layer in a compiled decoder layer. Its RMSNorm
+    and SwiGLU call their autograd functions directly; so does this, for the same Triton kernel the
+    dispatcher picks on NVIDIA GPUs (its "nvidia-triton" implementation). The function is used only
+    when its forward takes the arguments it is given here, in this order.
+    """
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except ImportError:
+        return liger_rotary_pos_emb
+    params = list(inspect.signature(LigerRopeFunction.forward).parameters)[1 : 1 + len(_ROPE_PARAMETERS)]
+    if tuple(params) != _ROPE_PARAMETERS:
+        return liger_rotary_pos_emb
+
+    def rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        return LigerRopeFunction.apply(q, k, cos, sin, position_ids, unsqueeze_dim)
+
+    return rotary_pos_emb
+
+
 def load_liger_ops() -> LigerOps:
     """Import liger-kernel's functional API (ImportError with the install line if missing)."""
     require_liger_kernel()
     from liger_kernel.transformers import functional as liger_functional
     from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     return LigerOps(
         rms_norm=liger_functional.liger_rms_norm,
         swiglu=liger_functional.liger_swiglu,
         geglu=liger_functional.liger_geglu,
-        rotary_pos_emb=liger_rotary_pos_emb,
+        rotary_pos_emb=_rope_kernel(),
         fused_linear_cross_entropy=LigerForCausalLMLoss,
         cross_entropy=liger_functional.liger_cross_entropy,
     )
