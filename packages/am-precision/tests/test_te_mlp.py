@@ -35,6 +35,16 @@ def _pair(build, **kw):
     return models
 
 
+def _assert_same_step(model, plain):
+    """One training step's logits and grads of `model` equal the plain model's (fp32 tolerance)."""
+    out, ref = model(IDS, labels=IDS), plain(IDS, labels=IDS)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+
+
 def test_swapped_llama_equals_the_plain_model(tiny_llama):
     plain, model = _pair(tiny_llama)
     layer = model.model.layers[0]
@@ -49,12 +59,7 @@ def test_swapped_llama_equals_the_plain_model(tiny_llama):
     assert layer.mlp.gate_proj is mlp.gate_proj and layer.mlp.te.fc2_weight is mlp.down_proj.weight
     assert layer.mlp.te.layer_norm_weight is norm.weight is layer.post_attention_layernorm.weight
     assert not layer.mlp.te.zero_centered_gamma
-    out, ref = model(IDS, labels=IDS), plain(IDS, labels=IDS)
-    torch.testing.assert_close(out.logits, ref.logits, **TOL)
-    out.loss.backward()
-    ref.loss.backward()
-    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    _assert_same_step(model, plain)
     assert set(model.state_dict()) == set(plain.state_dict())
     assert ap.inject_te_mlp(model, mlp_cls=REF) is handle  # idempotent
     handle.revert()
@@ -271,12 +276,7 @@ def test_either_order_with_fused_te_linear_equals_the_plain_model(tiny_llama, te
         reasons = {r.name: r.reason for r in handles[-1].plan}
         assert reasons["model.layers.0.self_attn.q_proj"] == "32->32, one GEMM with k_proj, v_proj"
         assert reasons["model.layers.0.mlp.gate_proj"].startswith("runs inside a TE LayerNormMLP")
-    out, ref = model(IDS, labels=IDS), plain(IDS, labels=IDS)
-    torch.testing.assert_close(out.logits, ref.logits, **TOL)
-    out.loss.backward()
-    ref.loss.backward()
-    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    _assert_same_step(model, plain)
     fresh = copy.deepcopy(plain)
     fresh.load_state_dict(ap.get_plain_state_dict(model))
     torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits, **TOL)
