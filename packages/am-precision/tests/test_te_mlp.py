@@ -284,3 +284,19 @@ def test_either_order_with_fused_te_linear_equals_the_plain_model(tiny_llama, te
         handle.revert()
     assert all(type(m).__name__ in ("LlamaMLP",) for m in (layer.mlp for layer in model.model.layers))
     torch.testing.assert_close(model(IDS).logits, plain(IDS).logits, **TOL)
+
+
+def test_compiled_layers_equal_the_plain_model_without_graph_breaks(tiny_llama):
+    """torch.compile per decoder layer over the swapped norm + MLP (the identity check and the per-call fc1
+    concatenation included): the same numbers as the plain eager model, and no graph break."""
+    from torch._dynamo.utils import counters
+
+    plain, model = _pair(tiny_llama)
+    ap.inject_te_mlp(model, mlp_cls=REF)
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.model.layers:
+        layer.compile()
+    _assert_same_step(model, plain)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
