@@ -187,7 +187,8 @@ def _spelling(name: str, params: Any) -> str:
 
 def _check_signature(row: Sig) -> None:
     obj = _resolve(row.path)
-    sig = inspect.signature(obj)
+    # An nn.Module (kernels makes transformers >= 5.25's rope one) is called through its forward.
+    sig = inspect.signature(obj.forward if isinstance(obj, torch.nn.Module) else obj)
     params = sig.parameters
     names = list(params)
     kinds = {p.kind for p in params.values()}
@@ -579,6 +580,7 @@ def probe_liger_layouts() -> None:
     """The LIGER_PLANS rows of the contract architectures name classes and attributes that exist in this
     transformers (every row is tested on its own tiny model in am-kernels' test_liger_rows.py)."""
     from am_kernels import LIGER_PLANS
+    from am_kernels.liger_modules import check_norm_math, norm_eps_attr
 
     arch_of = {"gemma3_text": "gemma3"}
     for model_type, plan in LIGER_PLANS.items():
@@ -595,9 +597,8 @@ def probe_liger_layouts() -> None:
         assert norm is not None and mlp is not None and attn is not None, (
             f"{model_type}: classes {sorted(by_class)}"
         )
-        assert isinstance(getattr(norm, plan.norm_eps_attr, None), float), (
-            f"{plan.norm_class}.{plan.norm_eps_attr}"
-        )
+        what = f"{model_type}: {plan.norm_class}"
+        check_norm_math(norm, norm_eps_attr(norm, what), plan.norm_offset, what)
         assert len(inspect.signature(norm.forward).parameters) == 1, (
             f"{plan.norm_class}.forward takes one input"
         )

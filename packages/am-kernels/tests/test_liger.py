@@ -204,6 +204,44 @@ def test_unsupported_activation_raises_before_any_change(tiny, torch_ops, kit):
     unpatch_liger_kernel(model)
 
 
+def _norm_with_fixed_eps(self, hidden_states):
+    # A transformers version whose norm no longer reads its epsilon attribute.
+    x = hidden_states.float()
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 0.1)).to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_that_ignores_its_epsilon_attribute_is_refused(tiny, torch_ops, kit, monkeypatch, dtype):
+    model = tiny("llama").to(dtype)
+    monkeypatch.setattr(type(model.model.norm), "forward", _norm_with_fixed_eps)
+    before = kit.instance_state(model)
+    with pytest.raises(
+        RuntimeError, match=r"does not compute x / sqrt\(mean\(x\^2\) \+ eps\).*variance_epsilon"
+    ):
+        patch_liger_kernel(model, ops=torch_ops)
+    kit.assert_same_state(before, kit.instance_state(model))
+    patch_liger_kernel(model, ops=torch_ops, rms_norm=False)  # the rest still applies
+    unpatch_liger_kernel(model)
+
+
+def test_norm_epsilon_is_found_by_attribute_and_two_disagreeing_ones_are_refused(tiny, torch_ops, kit):
+    model = tiny("llama")
+    for norm in _by_class(model, "LlamaRMSNorm"):
+        # Renamed under a forward that still reads the old name (Llama4's moved from `eps` in 5.25).
+        norm.eps = norm.__dict__.pop("variance_epsilon")
+    with pytest.raises(RuntimeError, match="a probe call failed"):
+        patch_liger_kernel(model, ops=torch_ops)
+    for norm in _by_class(model, "LlamaRMSNorm"):
+        norm.variance_epsilon = norm.eps
+    patch_liger_kernel(model, ops=torch_ops)  # both present and equal: exact, so patched
+    unpatch_liger_kernel(model)
+    model.model.norm.eps = 1e-3
+    before = kit.instance_state(model)
+    with pytest.raises(RuntimeError, match="expected one float epsilon attribute"):
+        patch_liger_kernel(model, ops=torch_ops)
+    kit.assert_same_state(before, kit.instance_state(model))
+
+
 def test_base_model_without_head(torch_ops, kit):
     import transformers
 

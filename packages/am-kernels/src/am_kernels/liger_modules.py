@@ -12,6 +12,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ._contract import contract_error
 from ._patch import MISSING, Patch, mark, patch_name
 from ._repr import short_repr
@@ -100,18 +102,71 @@ def _check_one_input(original: Any, what: str) -> None:
         )
 
 
+# Where transformers' RMSNorms keep their epsilon (Llama4's moved from `eps` to `variance_epsilon` in 5.25).
+_EPS_ATTRS = ("variance_epsilon", "eps")
+
+
+def norm_eps_attr(module: Any, what: str) -> str:
+    """The one epsilon attribute the norm has (two with different values would leave us guessing)."""
+    found = {
+        name: getattr(module, name) for name in _EPS_ATTRS if isinstance(getattr(module, name, None), float)
+    }
+    if not found or len(set(found.values())) > 1:
+        raise contract_error(
+            what, f"expected one float epsilon attribute among {_EPS_ATTRS}, found {found or 'none'}"
+        )
+    return next(iter(found))
+
+
+def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> None:
+    """The norm must compute x / sqrt(mean(x^2) + eps) * (offset + weight), with eps read from `eps_attr`.
+
+    The first probe row has mean(x^2) == eps, where a norm using another epsilon (or none) is off by far
+    more than rounding; the second row is random.
+    """
+    weight = module.weight
+    eps = getattr(module, eps_attr)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.stack(
+        (
+            torch.full((weight.shape[-1],), eps**0.5 if eps > 0 else 1.0),
+            torch.randn(weight.shape[-1], generator=generator),
+        )
+    )
+    x = rows.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            got = module.forward(x)
+    except Exception as exc:
+        raise contract_error(what, f"a probe call failed ({exc!r})") from exc
+    x32 = x.float()
+    expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight.detach().float())
+    # a few ulps of the module's dtype: the wrong-epsilon row is off by more than 20%
+    tol = max(4 * torch.finfo(weight.dtype).eps, 1e-5)
+    if not (
+        isinstance(got, torch.Tensor)
+        and got.shape == expected.shape
+        and torch.allclose(got.float(), expected, rtol=tol, atol=tol)
+    ):
+        raise contract_error(
+            what,
+            f"on a probe input it does not compute x / sqrt(mean(x^2) + eps) * ({offset:g} + weight) "
+            f"with eps = module.{eps_attr}, which Liger's RMSNorm computes",
+        )
+
+
 def norm_patches(module: Any, path: str, plan: LigerPlan, ops: LigerOps) -> list[Patch]:
     refuse_instance_forward(module, path, "RMSNorm", "rms_norm")
     what = f"{type(module).__module__}.{plan.norm_class}.forward"
     _check_one_input(module.forward, what)
-    if not hasattr(module, plan.norm_eps_attr):
-        raise contract_error(what, f"the module has no epsilon attribute {plan.norm_eps_attr!r}")
     if getattr(module, "weight", None) is None:
         raise contract_error(what, "the module has no weight parameter")
+    eps_attr = norm_eps_attr(module, what)
+    check_norm_math(module, eps_attr, plan.norm_offset, what)
     func = rms_norm_forward(
         module.forward,
         ops,
-        eps_attr=plan.norm_eps_attr,
+        eps_attr=eps_attr,
         offset=plan.norm_offset,
         casting_mode=plan.norm_casting_mode,
         in_place=plan.norm_in_place,

@@ -21,9 +21,8 @@ KERNELS = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "cross_en
 class LigerPlan:
     """How Liger's kernels map onto one architecture's modules."""
 
-    #: RMSNorm class, the attribute holding its epsilon, and Liger's norm parameters.
+    #: RMSNorm class and Liger's norm parameters (the epsilon attribute is found on the module itself).
     norm_class: str
-    norm_eps_attr: str
     norm_offset: float
     norm_casting_mode: str
     norm_in_place: bool
@@ -63,7 +62,6 @@ _GEGLU_ACTS = ("gelu_pytorch_tanh",)
 def _llama_like(prefix: str, *, in_place: bool = True, **changes: object) -> LigerPlan:
     plan = LigerPlan(
         norm_class=f"{prefix}RMSNorm",
-        norm_eps_attr="variance_epsilon",
         norm_offset=0.0,
         norm_casting_mode="llama",
         norm_in_place=in_place,
@@ -83,7 +81,6 @@ def _gemma_like(prefix: str, *, in_place: bool, act_attr: str, softcap: str | No
     return _llama_like(
         prefix,
         in_place=in_place,
-        norm_eps_attr="eps",
         norm_offset=1.0,
         norm_casting_mode="gemma",
         mlp_kind="geglu",
@@ -145,7 +142,6 @@ LIGER_PLANS: dict[str, LigerPlan] = {
     "llama4_text": _llama_like(
         "Llama4Text",
         in_place=False,
-        norm_eps_attr="eps",
         causal_lm_class="Llama4ForCausalLM",
         base_model_attr="model",  # its base_model_prefix names the VLM's attribute, language_model
         unsupported=(
@@ -172,7 +168,6 @@ LIGER_PLANS: dict[str, LigerPlan] = {
         model_type: _llama_like(
             prefix,
             in_place=False,
-            norm_eps_attr="eps",
             norm_offset=1.0,
             norm_casting_mode="gemma",
             mlp_optional=True,

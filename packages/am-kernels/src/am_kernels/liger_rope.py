@@ -24,8 +24,11 @@ _ROPE_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")
 
 
 def _check_rope_signature(hf_rope: Any, what: str) -> None:
+    # transformers >= 5.25 makes the rope an `nn.Module` instance (kernels' `use_kernel_forward_from_hub`);
+    # calling it calls its forward, so that is the signature the attention forward's call must fit.
+    callee = hf_rope.forward if isinstance(hf_rope, torch.nn.Module) else hf_rope
     try:
-        sig = inspect.signature(hf_rope)
+        sig = inspect.signature(callee)
     except (TypeError, ValueError) as exc:
         raise contract_error(what, f"its signature cannot be read ({exc})") from exc
     params = list(sig.parameters.values())
