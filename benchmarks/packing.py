@@ -150,6 +150,19 @@ PATHS = (
     Path_(
         "ours_varlen_liger_fp8_delayed_mlp", "torch_varlen", "indexed", liger=True, fp8="delayed", mlp=True
     ),
+    *(
+        Path_(
+            f"ours_varlen_liger_fp8{tag}_mlp_qkv_compile",
+            "torch_varlen",
+            "indexed",
+            liger=True,
+            compile=True,
+            fp8=recipe,
+            fuse=QKV,
+            mlp=True,
+        )
+        for tag, recipe in (("", "current"), ("_delayed", "delayed"))
+    ),
 )
 
 

@@ -275,3 +275,45 @@ def test_fp8_fastest_stack_trains_packed_like_per_document(fuse, mlp):
     for name, g in ref_grads.items():
         rel = ((grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
         assert rel < 0.25, f"{name}: relative grad error {rel}"
+
+
+def test_compiled_fp8_fastest_stack_equals_its_eager_with_te_calls_run_eagerly():
+    """The FP8 recipe (Liger, inject_te_mlp, q/k/v fused, torch varlen, packing) compiled per decoder layer:
+    the TE modules run eagerly between the layers' graphs (the only graph breaks), and the compiled packed
+    step equals the eager one. Same inputs give the same amaxes, hence the same FP8 scales: only the compiled
+    bf16 elementwise code may round differently (bf16 spacing 2^-8 on O(1) logits, a few roundings)."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from torch._dynamo.utils import counters
+
+    import am_kernels
+    import am_precision
+    from am_packing import configure_packing, register_varlen_attention
+
+    docs = _docs((208, 48, 512, 96, 16, 336, 128))
+    with contextlib.ExitStack() as undo:
+        undo.enter_context(register_varlen_attention())
+        model = _model("torch_varlen", "llama")
+        am_kernels.patch_liger_kernel(model)
+        undo.enter_context(am_precision.inject_te_mlp(model, recipe="current"))
+        undo.enter_context(
+            am_precision.inject_te_linear(model, recipe="current", fuse=[("q_proj", "k_proj", "v_proj")])
+        )
+        undo.enter_context(configure_packing("torch_varlen"))
+        undo.enter_context(am_precision.te_fp8_autocast("current"))
+        eager_logits, eager_grads = _packed(model, docs)
+        torch._dynamo.reset()
+        counters.clear()
+        for layer in model.model.layers:
+            layer.compile()
+        logits, grads = _packed(model, docs)
+        breaks = dict(counters["graph_break"])
+        graphs = counters["stats"]["unique_graphs"]
+        _packed(model, docs)
+        assert counters["stats"]["unique_graphs"] == graphs, "a same-shape batch recompiled"
+        torch._dynamo.reset()
+    assert breaks and all("run_eager" in reason for reason in breaks), breaks
+    worst = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits))
+    assert worst < 5e-2, f"logits max-abs diff {worst}"
+    for name, g in eager_grads.items():
+        rel = ((grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert rel < 5e-2, f"{name}: relative grad error {rel}"

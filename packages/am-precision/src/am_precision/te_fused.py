@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._eager import run_eager
 from .microbatch import get_is_first_microbatch
 
 __all__ = ["FusedGroup", "FusedProjection", "split_parameter_names"]
@@ -105,7 +106,7 @@ class FusedProjection(nn.Module):
     def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
         if is_first_microbatch is None:
             is_first_microbatch = get_is_first_microbatch()
-        return self.group(self.index, inp, self.training, is_first_microbatch)
+        return run_eager(self.group, self.index, inp, self.training, is_first_microbatch)
 
     def extra_repr(self) -> str:
         return (

@@ -40,6 +40,7 @@ from torch import nn
 
 from ._args import check_bool, check_model
 from ._contract import contract_error
+from ._eager import run_eager
 from ._patch import ItemPatch, Patch, PatchSet, mark, patch_name
 from .fp8 import check_recipe
 from .fp32_rules import get_fp32_module_keywords, has_dtensor_params, name_matches
@@ -73,7 +74,7 @@ def _flagged_forward(
     # Looked up on the class at call time, so a class-level patch (patch_te_modules) still runs.
     if is_first_microbatch is None:
         is_first_microbatch = get_is_first_microbatch()
-    return type(self).forward(self, inp, is_first_microbatch, *args, **kwargs)
+    return run_eager(type(self).forward, self, inp, is_first_microbatch, *args, **kwargs)
 
 
 mark(_flagged_forward, FORWARD_MARK)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import check_model
+from ._eager import run_eager
 from ._patch import ItemPatch, Patch, PatchSet
 from .fp8 import check_recipe, te_fp8_autocast
 from .fp32_rules import has_dtensor_params
@@ -77,7 +78,7 @@ class NormInMLP(nn.Module):
                 f"{type(self).__name__}.forward takes the hidden states only (as the RMSNorm it replaces), "
                 f"got {len(args)} more positional and {sorted(kwargs)} keyword arguments"
             )
-        self.mlp._hand(hidden)
+        run_eager(self.mlp._hand, hidden)
         return hidden
 
 
@@ -98,6 +99,9 @@ class FusedNormMLP(nn.Module):
         self._handed = (hidden, hidden._version)
 
     def forward(self, hidden: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
+        return run_eager(self._run, hidden, is_first_microbatch)
+
+    def _run(self, hidden: torch.Tensor, is_first_microbatch: bool | None) -> torch.Tensor:
         handed, self._handed = self._handed, None
         if handed is None or handed[0] is not hidden or handed[1] != hidden._version:
             raise RuntimeError(
