@@ -242,6 +242,18 @@ def test_norm_epsilon_is_found_by_attribute_and_two_disagreeing_ones_are_refused
     kit.assert_same_state(before, kit.instance_state(model))
 
 
+def test_model_on_the_meta_device_is_patched_before_its_weights_load(torch_ops, kit):
+    # The norm's probe runs on a CPU stand-in of the module: a model built on meta (weights loaded later)
+    # is checked and patched like a materialized one.
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kit.TINY))
+    patch_liger_kernel(model, ops=torch_ops)
+    assert model.model.norm._get_name() == "LigerRMSNorm"
+    unpatch_liger_kernel(model)
+
+
 def test_base_model_without_head(torch_ops, kit):
     import transformers
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._contract import contract_error
 from ._patch import MISSING, Patch, mark, patch_name
@@ -119,30 +120,41 @@ def norm_eps_attr(module: Any, what: str) -> str:
 
 
 def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> None:
-    """The norm must compute x / sqrt(mean(x^2) + eps) * (offset + weight), with eps read from `eps_attr`.
+    """The norm's class forward must compute x / sqrt(mean(x^2) + eps) * (offset + weight), eps from `eps_attr`.
 
-    The first probe row has mean(x^2) == eps, where a norm using another epsilon (or none) is off by far
-    more than rounding; the second row is random.
+    Run on a stand-in of the module that differs only by its weight (seeded values, on the CPU when the
+    model is on the meta device), called directly so no hook runs. The first probe row has
+    mean(x^2) == eps, where a norm using another epsilon (or none) is off by far more than rounding.
     """
-    weight = module.weight
-    eps = getattr(module, eps_attr)
+    dtype, device = module.weight.dtype, module.weight.device
+    device = torch.device("cpu") if device.type == "meta" else device
     generator = torch.Generator().manual_seed(0)
+    width = module.weight.shape[-1]
+    weight = torch.rand(width, generator=generator).add(0.5)
+    eps = getattr(module, eps_attr)
     rows = torch.stack(
-        (
-            torch.full((weight.shape[-1],), eps**0.5 if eps > 0 else 1.0),
-            torch.randn(weight.shape[-1], generator=generator),
-        )
+        (torch.full((width,), eps**0.5 if eps > 0 else 1.0), torch.randn(width, generator=generator))
     )
-    x = rows.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__.update(vars(module))
+    stand_in._parameters = {
+        **module._parameters,
+        "weight": nn.Parameter(weight.to(device, dtype), requires_grad=False),
+    }
+    x = rows.to(device, dtype).unsqueeze(0)
     try:
         with torch.no_grad():
-            got = module.forward(x)
+            got = type(module).forward(stand_in, x)
     except Exception as exc:
         raise contract_error(what, f"a probe call failed ({exc!r})") from exc
     x32 = x.float()
-    expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight.detach().float())
+    expected = (
+        x32
+        * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        * (offset + weight.to(dtype).float().to(device))
+    )
     # a few ulps of the module's dtype: the wrong-epsilon row is off by more than 20%
-    tol = max(4 * torch.finfo(weight.dtype).eps, 1e-5)
+    tol = max(4 * torch.finfo(dtype).eps, 1e-5)
     if not (
         isinstance(got, torch.Tensor)
         and got.shape == expected.shape
