@@ -136,11 +136,9 @@ def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> Non
         (torch.full((width,), eps**0.5 if eps > 0 else 1.0), torch.randn(width, generator=generator))
     )
     stand_in = object.__new__(type(module))
-    stand_in.__dict__.update(vars(module))
-    stand_in._parameters = {
-        **module._parameters,
-        "weight": nn.Parameter(weight.to(device, dtype), requires_grad=False),
-    }
+    stand_in.__dict__.update(vars(module), _parameters=dict(module._parameters))
+    vars(stand_in).pop("weight", None)  # a weight kept as a plain attribute would shadow the Parameter
+    stand_in.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
     x = rows.to(device, dtype).unsqueeze(0)
     try:
         with torch.no_grad():
