@@ -130,7 +130,7 @@ def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> Non
     device = torch.device("cpu") if device.type == "meta" else device
     generator = torch.Generator().manual_seed(0)
     width = module.weight.shape[-1]
-    weight = torch.rand(width, generator=generator).add(0.5)
+    weight = torch.rand(width, generator=generator).add(0.5).to(device, dtype)
     eps = getattr(module, eps_attr)
     rows = torch.stack(
         (torch.full((width,), eps**0.5 if eps > 0 else 1.0), torch.randn(width, generator=generator))
@@ -138,7 +138,7 @@ def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> Non
     stand_in = object.__new__(type(module))
     stand_in.__dict__.update(vars(module), _parameters=dict(module._parameters))
     vars(stand_in).pop("weight", None)  # a weight kept as a plain attribute would shadow the Parameter
-    stand_in.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+    stand_in.weight = nn.Parameter(weight, requires_grad=False)
     x = rows.to(device, dtype).unsqueeze(0)
     try:
         with torch.no_grad():
@@ -146,11 +146,7 @@ def check_norm_math(module: Any, eps_attr: str, offset: float, what: str) -> Non
     except Exception as exc:
         raise contract_error(what, f"a probe call failed ({exc!r})") from exc
     x32 = x.float()
-    expected = (
-        x32
-        * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        * (offset + weight.to(dtype).float().to(device))
-    )
+    expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight.float())
     # a few ulps of the module's dtype: the wrong-epsilon row is off by more than 20%
     tol = max(4 * torch.finfo(dtype).eps, 1e-5)
     if not (
